@@ -1,0 +1,34 @@
+"""Every notebook in nbs/ runs top to bottom (walkthroughs in quick mode), and the committed library equals
+what `nbdev_export` makes of the notebooks."""
+import filecmp, os, shutil, subprocess, sys
+from pathlib import Path
+
+import pytest
+import nbdev.test as nbtest   # imported as a module so pytest does not collect nbdev's `test_nb` as a test
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted(p for p in (ROOT/'nbs').glob('*.ipynb') if not p.name.startswith('_'))
+
+
+@pytest.mark.parametrize('nb', NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs(nb, monkeypatch, tmp_path):
+    monkeypatch.setenv('MEDSSM_QUICK', '1')
+    ok, seconds = nbtest.test_nb(nb, skip_flags=['notest'], showerr=True)
+    assert ok, f'{nb.name} failed (traceback above)'
+
+
+def test_export_matches_notebooks(tmp_path):
+    "Run nbdev_export on a copy of the notebooks and compare with the committed medssm/."
+    work = tmp_path/'repo'
+    shutil.copytree(ROOT/'nbs', work/'nbs', ignore=shutil.ignore_patterns('.ipynb_checkpoints', '_proc', '_docs'))
+    shutil.copy(ROOT/'settings.ini', work/'settings.ini')
+    (work/'medssm').mkdir(); shutil.copy(ROOT/'medssm'/'__init__.py', work/'medssm'/'__init__.py')
+    exe = Path(sys.executable).with_name('nbdev_export')
+    env = {k: v for k, v in os.environ.items() if k != 'IN_TEST'}   # nbdev's test runner sets IN_TEST, which disables export
+    out = subprocess.run([str(exe)], cwd=work, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    made = {p.relative_to(work/'medssm') for p in (work/'medssm').rglob('*.py')}
+    have = {p.relative_to(ROOT/'medssm') for p in (ROOT/'medssm').rglob('*.py') if '__pycache__' not in p.parts}
+    assert made == have, f'modules differ: only exported {sorted(map(str, made - have))}, only committed {sorted(map(str, have - made))}'
+    differ = [str(p) for p in sorted(made) if not filecmp.cmp(work/'medssm'/p, ROOT/'medssm'/p, shallow=False)]
+    assert not differ, f'medssm/ differs from nbdev_export output in {differ}: run nbdev_export and commit'
