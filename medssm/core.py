@@ -14,8 +14,8 @@ import torch
 
 # %% auto 0
 __all__ = ['MedssmError', 'InputError', 'ConfigError', 'TrainingError', 'derive_seed', 'seed_everything', 'set_deterministic',
-           'get_device', 'quick_mode', 'atomic_path', 'atomic_write', 'save_json', 'load_json', 'save_torch', 'Config',
-           'RunDir']
+           'get_device', 'quick_mode', 'atomic_path', 'atomic_write', 'remove_stale_temps', 'save_json', 'load_json',
+           'save_torch', 'Config', 'RunDir']
 
 # %% ../nbs/00_core.ipynb
 class MedssmError(Exception):
@@ -76,7 +76,7 @@ def atomic_path(path:str|Path, # the final destination
                ):
     "Yield a temporary path beside `path`; on success it is renamed over `path`, on error removed."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.{os.getpid()}.', suffix='.tmp', dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -103,6 +103,18 @@ def _json_default(o):
     if isinstance(o, Path): return str(o)
     if isinstance(o, torch.Tensor): return o.tolist()
     raise TypeError(f'cannot serialise {type(o).__name__} to JSON')
+
+def remove_stale_temps(folder:str|Path)->list[Path]:
+    "Delete temporary files that `atomic_path` left in `folder` (recursively) when its process was killed."
+    removed = []
+    for tmp in Path(folder).rglob('.*.tmp'):
+        parts = tmp.name.split('.')
+        pid = int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
+        if pid is None: continue
+        try: os.kill(pid, 0)                         # signal 0: only asks whether the process exists
+        except ProcessLookupError: tmp.unlink(missing_ok=True); removed.append(tmp)
+        except PermissionError: pass                 # alive, owned by another user
+    return removed
 
 def save_json(obj, path:str|Path, indent:int=2):
     "Write `obj` as JSON atomically (numpy, torch and Path values converted)."

@@ -17,7 +17,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 from tqdm.auto import tqdm
 
-from .core import (Config, ConfigError, RunDir, TrainingError, derive_seed, get_device, save_torch, seed_everything)
+from .core import (Config, ConfigError, RunDir, TrainingError, derive_seed, get_device, remove_stale_temps,
+                         save_torch, seed_everything)
 from .data import batch_size_of, to_device
 
 # %% auto 0
@@ -351,6 +352,7 @@ def fit(model:nn.Module, train_ds:Dataset, val_ds:Dataset|None=None, *,
         state = FitState(model, opt, config, run)
         start, stopped = 0, False
         ckpt_path = run.checkpoint_path('last') if run is not None else None
+        if run is not None and rank == 0: remove_stale_temps(run.path)   # left by a killed earlier attempt
         if ckpt_path is not None and ckpt_path.exists():
             ck = torch.load(ckpt_path, map_location=device, weights_only=False)
             _check_same_config(ck['config'], config, run)

@@ -31,7 +31,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     assert len(_history(run)) < epochs, 'the run finished before it could be killed; slow it down'
     subprocess.run([PY, str(SCRIPT), str(run), str(epochs)], check=True, env=ENV, timeout=300)
     assert _history(run) == _history(tmp_path/'ref')
-    assert not list(run.rglob('*.tmp')) or all(p.name.startswith('.') for p in run.rglob('*.tmp'))
+    assert not list(run.rglob('*.tmp'))      # temp files of the killed attempts were swept
 
 
 def test_torchrun_two_processes_gloo(tmp_path):
