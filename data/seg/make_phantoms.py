@@ -1,0 +1,21 @@
+"""Write the embedded synthetic ultrasound phantoms of paper 2 as image/mask files.
+
+Nothing is committed here: phantoms are generated deterministically from a seed (`medssm.seg.make_phantom`), on the
+fly by the notebooks, demo and CLI (`--data phantoms`). This script writes them to disk for tools that want files,
+in the BUSI layout (`synthetic/<name>.png` + `<name>_mask.png`) or the generic one (`images/` + `masks/`).
+All images are SYNTHETIC (Rayleigh speckle, hypo/hyperechoic lesions, posterior shadowing/enhancement, calipers).
+
+    python data/seg/make_phantoms.py OUT_DIR [--patients 174] [--seed 0] [--layout busi|folder]
+
+then e.g. `medssm seg train --data OUT_DIR --layout busi --patient-regex '^(phantom\\d+)_'`.
+"""
+import argparse
+from medssm.seg_data import write_phantom_folder
+
+if __name__ == '__main__':
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('out'); p.add_argument('--patients', type=int, default=174, help='2 images per patient (174 → 348)')
+    p.add_argument('--seed', type=int, default=0); p.add_argument('--layout', default='busi', choices=['busi', 'folder'])
+    a = p.parse_args()
+    root = write_phantom_folder(a.out, a.patients, a.seed, a.layout)
+    print(f'wrote {2 * a.patients} synthetic phantoms to {root} ({a.layout} layout)')
