@@ -39,7 +39,7 @@ def arg(*flags, **kwargs)->tuple:
     return flags, kwargs
 
 def command(group:str, name:str, help:str='', args:list|tuple=()):
-    "Decorator registering `fn(args)` as `medssm <group> <name>`."
+    "Decorator registering `fn(args)` as `medssm <group> <name>` (`name=''`: `medssm <group>` itself)."
     def deco(fn):
         COMMANDS[(group, name)] = Command(group, name, fn, help or (fn.__doc__ or '').strip().split('\n')[0], list(args))
         return fn
@@ -74,8 +74,13 @@ def build_parser()->argparse.ArgumentParser:
     subs = {}
     for (group, name), cmd in sorted(COMMANDS.items()):
         if group not in subs:
-            gp = groups.add_parser(group, help=f'{group} commands')
-            subs[group] = gp.add_subparsers(dest='name', metavar='SUBCOMMAND', required=True)
+            default = COMMANDS.get((group, ''))     # `medssm <group> [options]` without a subcommand
+            gp = groups.add_parser(group, help=default.help if default else f'{group} commands')
+            if default is not None:
+                for flags, kwargs in default.args: gp.add_argument(*flags, **kwargs)
+                gp.set_defaults(fn=default.fn)
+            subs[group] = gp.add_subparsers(dest='name', metavar='SUBCOMMAND', required=default is None)
+        if name == '': continue
         sp = subs[group].add_parser(name, help=cmd.help, description=cmd.help)
         for flags, kwargs in cmd.args: sp.add_argument(*flags, **kwargs)
         sp.set_defaults(fn=cmd.fn)
