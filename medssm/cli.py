@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_cli.ipynb 2
 from __future__ import annotations
-import argparse, importlib, importlib.util, json, logging, sys, time, traceback
+import argparse, importlib, importlib.util, json, logging, re, sys, time, traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -52,14 +52,24 @@ def register_demo(name:str, title:str):
     return deco
 
 def load_plugins()->list[str]:
-    "Import the paper modules that register commands and demos; returns those found."
+    "Import the paper modules that register commands and demos; returns those loaded."
     found = []
     for mod in PLUGINS:
-        if importlib.util.find_spec(mod) is not None:
-            importlib.import_module(mod); found.append(mod)
+        if importlib.util.find_spec(mod) is None: continue
+        try: importlib.import_module(mod); found.append(mod)
+        except Exception as e:   # one broken paper module must not take every other command down with it
+            logging.getLogger('medssm').warning('medssm: commands of %s are unavailable: %s: %s', mod, type(e).__name__, e)
     return found
 
 # %% ../nbs/06_cli.ipynb
+def _esc(text:str|None)->str|None:
+    "Escape '%' for argparse (which %-formats help strings), keeping its own '%(default)s' fields."
+    return re.sub(r'%(?!\()', '%%', text) if text else text
+
+def _add_args(parser, args):
+    for flags, kwargs in args:
+        parser.add_argument(*flags, **({**kwargs, 'help': _esc(kwargs['help'])} if 'help' in kwargs else kwargs))
+
 def build_parser()->argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='medssm', description='medssm: state-space MIL, lightweight U-Nets, lazy '
                                 'meta-learning and perturbed report discrimination for medical imaging.')
@@ -75,15 +85,13 @@ def build_parser()->argparse.ArgumentParser:
     for (group, name), cmd in sorted(COMMANDS.items()):
         if group not in subs:
             default = COMMANDS.get((group, ''))     # `medssm <group> [options]` without a subcommand
-            gp = groups.add_parser(group, help=default.help if default else f'{group} commands')
+            gp = groups.add_parser(group, help=_esc(default.help) if default else f'{group} commands')
             if default is not None:
-                for flags, kwargs in default.args: gp.add_argument(*flags, **kwargs)
-                gp.set_defaults(fn=default.fn)
+                _add_args(gp, default.args); gp.set_defaults(fn=default.fn)
             subs[group] = gp.add_subparsers(dest='name', metavar='SUBCOMMAND', required=default is None)
         if name == '': continue
-        sp = subs[group].add_parser(name, help=cmd.help, description=cmd.help)
-        for flags, kwargs in cmd.args: sp.add_argument(*flags, **kwargs)
-        sp.set_defaults(fn=cmd.fn)
+        sp = subs[group].add_parser(name, help=_esc(cmd.help), description=_esc(cmd.help))
+        _add_args(sp, cmd.args); sp.set_defaults(fn=cmd.fn)
     return p
 
 def main(argv:list[str]|None=None)->int:
