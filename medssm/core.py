@@ -78,6 +78,8 @@ def atomic_path(path:str|Path, # the final destination
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.{os.getpid()}.', suffix='.tmp', dir=path.parent)
     os.close(fd)
+    umask = os.umask(0); os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)     # mkstemp makes 0600; artefacts get the usual permissions
     try:
         yield Path(tmp)
         os.replace(tmp, path)

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT/'tests'/'_out'/'docs_browser'
 HOW_TO_SKIP = ('install them (apt-get install -y chromium; pip install playwright) or skip the browser tests '
                'explicitly with: python -m pytest tests -m "not browser"')
-CELL_TIMEOUT = 900   # seconds a single cell may take before the kernel is stopped (a hang fails, never blocks CI)
+CELL_TIMEOUT = 600   # seconds a single cell may take before the kernel is stopped (a hang fails, never blocks CI)
 PAGES = [p.stem for p in list_notebooks(ROOT/'nbs')]
 WALKTHROUGHS = [p.stem for p in sorted((ROOT/'nbs').glob('[0-9]9_*.ipynb'))]
 

@@ -12,7 +12,7 @@ import pytest
 from medssm.docs import execute_notebook, NotebookError
 
 ROOT = Path(__file__).resolve().parents[1]
-CELL_TIMEOUT = 900   # seconds a single cell may take before the kernel is stopped (a hang fails, never blocks CI)
+CELL_TIMEOUT = 600   # seconds a single cell may take before the kernel is stopped (a hang fails, never blocks CI)
 NOTEBOOKS = sorted(p for p in (ROOT/'nbs').glob('*.ipynb') if not p.name.startswith('_'))
 
 
