@@ -8,27 +8,14 @@ import re, shutil, time
 from pathlib import Path
 
 import pytest
-from medssm.docs import build_site, serve_site, launch_chromium, sync_playwright, BrowserMissing, list_notebooks
+from medssm.docs import build_site, serve_site, list_notebooks
 
 pytestmark = pytest.mark.browser
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT/'tests'/'_out'/'docs_browser'
-HOW_TO_SKIP = ('install them (apt-get install -y chromium; pip install playwright) or skip the browser tests '
-               'explicitly with: python -m pytest tests -m "not browser"')
 CELL_TIMEOUT = 600   # seconds a single cell may take before the kernel is stopped (a hang fails, never blocks CI)
 PAGES = [p.stem for p in list_notebooks(ROOT/'nbs')]
 WALKTHROUGHS = [p.stem for p in sorted((ROOT/'nbs').glob('[0-9]9_*.ipynb'))]
-
-
-@pytest.fixture(scope='module')
-def browser():
-    try: manager, missing = sync_playwright(), None
-    except BrowserMissing as e: missing = str(e)
-    if missing: pytest.fail(f'{missing}; {HOW_TO_SKIP}', pytrace=False)
-    with manager as pw:
-        b = launch_chromium(pw)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope='module')

@@ -15,13 +15,11 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from medssm.docs import launch_chromium, sync_playwright, BrowserMissing, kernel_env, read_notebook, is_skipped
+from medssm.docs import kernel_env, read_notebook, is_skipped
 
 pytestmark = pytest.mark.browser
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT/'tests'/'_out'/'jupyterlab'
-HOW_TO_SKIP = ('install them (apt-get install -y chromium; pip install playwright) or skip the browser tests '
-               'explicitly with: python -m pytest tests -m "not browser"')
 WALKTHROUGHS = sorted((ROOT/'nbs').glob('[0-9]9_*.ipynb'))
 NOTEBOOKS = [ROOT/'nbs'/'04_widgets.ipynb'] + WALKTHROUGHS     # 04_widgets: the engine's viewers, always present
 RUN_TIMEOUT = int(os.environ.get('MEDSSM_LAB_TIMEOUT', 900))  # seconds for one notebook's "Run All" in quick mode
@@ -65,17 +63,6 @@ def _workspace(tmp:Path)->Path:
     for rel, val in SETTINGS.items():
         (settings/rel).parent.mkdir(parents=True, exist_ok=True); (settings/rel).write_text(json.dumps(val))
     return root
-
-
-@pytest.fixture(scope='module')
-def browser():
-    try: manager, missing = sync_playwright(), None
-    except BrowserMissing as e: missing = str(e)
-    if missing: pytest.fail(f'{missing}; {HOW_TO_SKIP}', pytrace=False)
-    with manager as pw:
-        b = launch_chromium(pw)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope='module')
