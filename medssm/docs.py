@@ -131,8 +131,10 @@ def is_skipped(cell, flags=('notest',))->bool:
 # %% ../nbs/07_docs.ipynb
 def kernel_env(quick:bool=True)->dict:
     "Environment of the kernels: the caller's, plus quick mode, nbdev's IN_TEST and inline matplotlib."
+    # TQDM_DISABLE: progress bars in a kernel are widgets, one comm message per update; thousands of them in a
+    # few seconds can overflow the IOPub queue and lose the message the client waits for.
     env = dict(os.environ, IN_TEST='1', MPLBACKEND='module://matplotlib_inline.backend_inline',
-               PYDEVD_DISABLE_FILE_VALIDATION='1')
+               PYDEVD_DISABLE_FILE_VALIDATION='1', TQDM_DISABLE='1')
     if quick: env['MEDSSM_QUICK'] = '1'
     else: env.pop('MEDSSM_QUICK', None)
     return env

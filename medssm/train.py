@@ -341,7 +341,7 @@ def fit(model:nn.Module, train_ds:Dataset, val_ds:Dataset|None=None, *,
     device, own_pg = _setup_distributed(get_device(config.device or None))
     if run is not None and not isinstance(run, RunDir): run = RunDir(run, root=None)
     monitor = config.monitor if val_ds is not None else 'train_loss'
-    progress = config.progress and rank == 0
+    progress = config.progress and rank == 0 and not os.environ.get('TQDM_DISABLE')   # tqdm's own off switch
     eval_step = eval_step or step
     try:
         seed_everything(derive_seed(config.seed, 'init'))
