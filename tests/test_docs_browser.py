@@ -17,7 +17,7 @@ PAGES = [p.stem for p in list_notebooks(ROOT/'nbs')]
 WALKTHROUGHS = [p.stem for p in sorted((ROOT/'nbs').glob('[0-9]9_*.ipynb'))]
 
 
-def _build_one(stem, out, cache, attempts=3, limit=600):
+def _build_one(stem, out, cache, attempts=5, limit=240):
     "Execute + render one notebook in a subprocess killed after `limit` s (a rare kernel hang), retried."
     exe = Path(sys.executable).with_name('medssm')
     for attempt in range(attempts):
