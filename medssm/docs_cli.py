@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_docs_cli.ipynb 3
 from __future__ import annotations
-import time
+import textwrap, time
 from pathlib import Path
 from .cli import command, arg
 from .core import InputError
@@ -34,7 +34,8 @@ def docs_build(args)->int:
                      timeout=args.timeout)
     print(f"{len(res.pages)} pages in {time.time() - t0:.0f} s ({len(res.cached)} from the cache) -> "
           f"{(Path(args.out)/'index.html').resolve()}")
-    for name, err in res.failures.items(): print(f"FAILED {name}: {err.splitlines()[0]}")
+    for name, err in res.failures.items():   # the failing cell and its traceback, indented under the name
+        print(f"FAILED {name}:\n" + textwrap.indent(err, '    '))
     return 1 if res.failures else 0
 
 @command('docs', 'serve', help='serve a built docs site on 127.0.0.1', args=[

@@ -297,6 +297,7 @@ class HeatmapExplorer(W.HBox):
         self.selected = None
         super().__init__([W.VBox([W.HBox([self.model, self.opacity, self.threshold]), self.fig]),
                           W.VBox([self.info, self.patch_view])])
+        self.show_patch(int(np.argmax(first)))   # start on the highest-scoring patch, never an empty image
 
     def _grid_values(self, name, threshold):
         z = np.full(self.shape, np.nan)
@@ -321,8 +322,11 @@ class HeatmapExplorer(W.HBox):
         g = self.grid; P = g.spec.size_level0
         cell = (np.array([x, y]) * g.thumb_downsample - self.origin) // P
         hit = np.flatnonzero((self.cells == cell).all(1))
-        if not len(hit): return None
-        i = int(hit[0]); cx, cy = (int(v) for v in g.coords[i])
+        return self.show_patch(int(hit[0])) if len(hit) else None
+
+    def show_patch(self, i:int)->int:
+        "Show patch `i` (an index into the grid) at full resolution; returns `i`."
+        P = self.grid.spec.size_level0; cx, cy = (int(v) for v in self.grid.coords[i])
         with open_slide(self.path) as s: rgb = np.asarray(s.read_region((cx, cy), 0, (P, P)).convert('RGB'))
         self.patch_view.value, self.selected = _png(rgb), i
         self.info.value = f'patch {i} at level-0 ({cx}, {cy}), {P}×{P} px; {self.model.value} score {self.scores[self.model.value][i]:.3f}'

@@ -2,9 +2,9 @@
 request leaving 127.0.0.1, plots are drawn, stored widgets render, and a widget responds to input.
 
 Needs Debian's `chromium` and the `playwright` package; without them these tests FAIL (skip them explicitly with
-`-m "not browser"`). The notebooks are executed once per pytest process (shared with tests/test_notebooks.py).
+`-m "not browser"`). The notebooks are executed once per test session (tests/conftest.py, shared with tests/test_notebooks.py).
 Screenshots go to tests/_out/docs_browser/."""
-import os, re, shutil, signal, subprocess, sys, time
+import shutil, time
 from pathlib import Path
 
 import pytest
@@ -13,40 +13,17 @@ from medssm.docs import serve_site, list_notebooks
 pytestmark = pytest.mark.browser
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT/'tests'/'_out'/'docs_browser'
+SITE = ROOT/'tests'/'_out'/'docs_site'   # built by conftest.executed_notebooks
 PAGES = [p.stem for p in list_notebooks(ROOT/'nbs')]
 WALKTHROUGHS = [p.stem for p in sorted((ROOT/'nbs').glob('[0-9]9_*.ipynb'))]
 
 
-def _build_one(stem, out, cache, attempts=5, limit=240):
-    "Execute + render one notebook in a subprocess killed after `limit` s (a rare kernel hang), retried."
-    exe = Path(sys.executable).with_name('medssm')
-    for attempt in range(attempts):
-        proc = subprocess.Popen([str(exe), 'docs', 'build', '--out', str(out), '--nbs', str(ROOT/'nbs'),
-                                 '--cache', str(cache), '--only', stem], start_new_session=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        try:
-            log, _ = proc.communicate(timeout=limit)
-            return proc.returncode, log
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL); proc.communicate()     # the kernel goes with its process group
-            print(f'{stem}: no progress in {limit} s (attempt {attempt + 1}); killed and retrying', flush=True)
-    return 1, f'{stem}: timed out {attempts} times'
-
-
 @pytest.fixture(scope='module')
-def site(browser):
-    "Build the whole site (executing each notebook once in quick mode) and serve it on 127.0.0.1."
-    out, cache = OUT.parent/'docs_site', OUT.parent/'nbexec'
-    for d in (out, OUT, cache): shutil.rmtree(d, ignore_errors=True)
-    OUT.mkdir(parents=True)
-    t0 = time.time()
-    failures = {}
-    for stem in PAGES:
-        rc, log = _build_one(stem, out, cache)
-        if rc != 0: failures[stem] = log[-3000:]
-    print(f'site built in {time.time() - t0:.0f} s')
-    assert not failures, 'notebooks failed while building the site:\n\n' + '\n\n'.join(failures.values())
-    with serve_site(out) as url: yield url
+def site(browser, executed_notebooks):
+    """The site built by `executed_notebooks` (every notebook executed once in quick mode), served on 127.0.0.1.
+    A notebook that failed still has its page (with the error on top); its page test fails, the others run."""
+    shutil.rmtree(OUT, ignore_errors=True); OUT.mkdir(parents=True)
+    with serve_site(SITE) as url: yield url
 
 
 def open_page(browser, url):
@@ -83,6 +60,7 @@ def test_page_loads_clean(browser, site, stem):
         n = wait_widgets(page)
         page.wait_for_load_state('networkidle')
         page.screenshot(path=str(OUT/f'{stem}.png'), full_page=True)
+        assert page.locator('.medssm-failed').count() == 0, f'{stem} failed when the site was built'
         assert page.locator('nav.medssm-sidebar a[href="index.html"]').count() >= 1, 'sidebar missing'
         assert page.locator(f'nav.medssm-sidebar a.current[href="{stem}.html"]').count() == 1
         rendered = page.locator('.jp-OutputArea-output .jupyter-widgets').count()

@@ -1,25 +1,23 @@
 """Every notebook in nbs/ runs top to bottom (walkthroughs in quick mode), and the committed library equals
 what `nbdev_export` makes of the notebooks.
 
-Notebooks run in-process with nbdev's executor (`#| notest` cells skipped, `IN_TEST=1`, `MEDSSM_QUICK=1`). The docs
-build of tests/test_docs_browser.py executes them again in real kernels (for widget state), in subprocesses with a
-hard time limit: kernel-based execution was seen to hang now and then (an idle kernel and a waiting client), which
-must never block the suite."""
+Each notebook is executed once per test session in a real Jupyter kernel, as nbdev's test runner would (`#| notest`
+cells skipped, `IN_TEST=1`, `MEDSSM_QUICK=1`), by the docs build in tests/conftest.py (`executed_notebooks`); the docs
+site tests show the same executed notebooks. A kernel per notebook keeps one notebook's definitions (a re-registered
+command, a class defined in `__main__`) out of every other test."""
 import filecmp, os, shutil, subprocess, sys
 from pathlib import Path
 
 import pytest
-import nbdev.test as nbtest   # imported as a module so pytest does not collect nbdev's `test_nb` as a test
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(p for p in (ROOT/'nbs').glob('*.ipynb') if not p.name.startswith('_'))
 
 
 @pytest.mark.parametrize('nb', NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs(nb, monkeypatch):
-    monkeypatch.setenv('MEDSSM_QUICK', '1')
-    ok, seconds = nbtest.test_nb(nb, skip_flags=['notest'], showerr=True)
-    assert ok, f'{nb.name} failed (traceback above)'
+def test_notebook_runs(nb, executed_notebooks):
+    error = executed_notebooks[nb.stem]
+    assert error is None, f'{nb.name} failed:\n{error}'
 
 
 def test_export_matches_notebooks(tmp_path):
