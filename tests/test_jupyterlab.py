@@ -1,16 +1,15 @@
 """The JupyterLab experience in a real browser: `jupyter lab` on 127.0.0.1 (free port, no token, --allow-root),
 each walkthrough notebook (nbs/x9_*.ipynb, found by glob) plus the engine's widget notebook opened in headless
-chromium. A notebook with interactive widgets (and 04_widgets, and every walkthrough with MEDSSM_LAB_FULL=all) has
-all its cells run in quick mode (MEDSSM_QUICK=1 in the server's environment): no cell fails, the widgets render,
-and moving a control changes the widget's output (a browser → kernel → browser round trip). A walkthrough without
-widget controls is opened and rendered and its parameters cell is run (it already ran in full in test_notebooks).
+chromium, all its cells run in quick mode (MEDSSM_QUICK=1 in the server's environment): no cell fails, the widgets
+render, and moving a control (slider, dropdown or checkbox) of a widget changes that widget's output (a browser →
+kernel → browser round trip).
 
 The server serves a temporary copy of nbs/ (so nothing is ever saved into the repository) in which the cells the
 test-suite skips (`#| notest`, full-size runs) are turned into raw cells. It is always stopped by its PID.
 Screenshots: tests/_out/jupyterlab/<notebook>.png (the notebook at the widget) and <notebook>_widget.png (the widget),
 both after the control change.
 Needs chromium + playwright; without them these tests FAIL (skip explicitly with `-m "not browser"`)."""
-import json, os, re, shutil, signal, socket, subprocess, sys, time, urllib.request
+import json, os, shutil, signal, socket, subprocess, sys, time, urllib.request
 from pathlib import Path
 
 import nbformat
@@ -23,18 +22,6 @@ OUT = ROOT/'tests'/'_out'/'jupyterlab'
 WALKTHROUGHS = sorted((ROOT/'nbs').glob('[0-9]9_*.ipynb'))
 NOTEBOOKS = [ROOT/'nbs'/'04_widgets.ipynb'] + WALKTHROUGHS     # 04_widgets: the engine's viewers, always present
 RUN_TIMEOUT = int(os.environ.get('MEDSSM_LAB_TIMEOUT', 900))  # seconds for one notebook's "Run All" in quick mode
-# CI time: the walkthroughs already ran once (tests/test_notebooks.py), so here a notebook is run in full only when it
-# has interactive widgets (a control to move) — or all of them with MEDSSM_LAB_FULL=all. The others are opened,
-# rendered, and their parameters cell is run by the kernel.
-CONTROLS = re.compile(r'\b(OverlayViewer|Gallery|FigureWidget|interactive|interact|IntSlider|FloatSlider|'
-                      r'SelectionSlider|IntRangeSlider|FloatRangeSlider|Dropdown|ToggleButtons|RadioButtons|Play)\b')
-
-
-def full_run(nb:Path)->bool:
-    if os.environ.get('MEDSSM_LAB_FULL', '') == 'all' or nb.stem == '04_widgets': return True
-    return any(c.cell_type == 'code' and not is_skipped(c) and CONTROLS.search(c.source) for c in read_notebook(nb).cells)
-
-
 SETTINGS = {   # JupyterLab user settings: never autosave, render every cell (no virtual scrolling), no news fetches
     '@jupyterlab/docmanager-extension/plugin.jupyterlab-settings': {'autosave': False},
     '@jupyterlab/notebook-extension/tracker.jupyterlab-settings': {'windowingMode': 'none'},
@@ -122,38 +109,42 @@ def _run_all(page, timeout=RUN_TIMEOUT):
     raise AssertionError(f'cells still running after {timeout} s: {_prompts(page)}')
 
 
-def _run_first_code_cell(page):
-    "Select the first code cell (the walkthrough's parameters cell) and run it (Shift+Enter)."
-    page.locator('.jp-CodeCell .jp-InputArea-prompt').first.click()
-    page.keyboard.press('Escape'); page.keyboard.press('Shift+Enter')
-    page.wait_for_function("(document.querySelector('.jp-CodeCell .jp-InputArea-prompt') || {}).textContent === '[1]:'",
-                           timeout=120000)
-    assert not page.locator('.jp-CodeCell').first.locator('[data-mime-type="application/vnd.jupyter.stderr"]').count()
+OUTPUTS = '.widget-output, .widget-html-content, .widget-image, .js-plotly-plot'   # where a widget shows its results
+CONTROLS = {'dropdown': '.widget-dropdown select', 'toggle buttons': '.widget-toggle-button',
+            'checkbox': '.widget-checkbox input', 'slider': '.noUi-handle'}      # tried in this order
 
 
 def _signature(widget)->str:
-    "What the widget's output area shows (image sources and text), to detect a change."
-    sel = '.widget-output img, .widget-output pre, .widget-output table, .widget-output svg'
-    return widget.evaluate(f"el => [...el.querySelectorAll('{sel}')].map(e => (e.src || '') + e.textContent).join('|')")
+    "What the widget's output parts show (image sources, plot images, text), to detect a change."
+    return widget.evaluate(f"""el => [...el.querySelectorAll('{OUTPUTS}')].map(o => o.textContent +
+        [...o.querySelectorAll('img, image')].map(i => i.src || i.getAttribute('href') || '').join(',')).join('|')""")
+
+
+def _move(page, box)->str:
+    "Change the box's first control (by the order of CONTROLS); returns the kind of control."
+    kind = next(k for k, sel in CONTROLS.items() if box.locator(sel).count())
+    control = box.locator(CONTROLS[kind]).first
+    if kind == 'dropdown':
+        options = control.locator('option').all_inner_texts()
+        current = options.index(control.evaluate('s => s.options[s.selectedIndex].text'))
+        control.select_option(index=(current + 1) % len(options))
+    elif kind == 'toggle buttons':
+        box.locator(CONTROLS[kind] + ':not(.mod-active)').first.click()
+    elif kind == 'checkbox': control.click()
+    else: control.focus(); page.keyboard.press('ArrowRight')
+    return kind
 
 
 def _round_trip(page, stem)->str:
-    "Change the first control of a widget that has an output area; wait for its output to change."
+    "Change a control of the first widget that has controls and an output part; wait for its output to change."
     boxes = page.locator('.jp-OutputArea-output .widget-vbox, .jp-OutputArea-output .widget-hbox').filter(
-        has=page.locator('.widget-output')).filter(has=page.locator('.noUi-handle, .widget-dropdown select'))
-    assert boxes.count() >= 1, f'{stem}: no widget with a control and an output area'
+        has=page.locator(OUTPUTS)).filter(has=page.locator(', '.join(CONTROLS.values())))
+    assert boxes.count() >= 1, f'{stem}: no widget with a control and an output part'
     box = boxes.first
     box.scroll_into_view_if_needed()
     before = _signature(box)
     assert before, f'{stem}: the widget output is empty before any change'
-    if box.locator('.noUi-handle').count():
-        box.locator('.noUi-handle').first.focus(); page.keyboard.press('ArrowRight')
-        control = 'slider'
-    else:
-        sel = box.locator('.widget-dropdown select').first
-        options = sel.locator('option').all_inner_texts()
-        sel.select_option(index=(options.index(sel.evaluate('s => s.options[s.selectedIndex].text')) + 1) % len(options))
-        control = 'dropdown'
+    control = _move(page, box)
     deadline = time.time() + 60
     while _signature(box) == before:
         assert time.time() < deadline, f'{stem}: moving the {control} did not change the output in 60 s'
@@ -176,12 +167,6 @@ def test_notebook_in_jupyterlab(browser, lab, nb):
         page.wait_for_function(f"document.querySelectorAll('.jp-NotebookPanel .jp-Cell').length === {n_cells}",
                                timeout=60000)
         page.locator('#jp-main-statusbar', has_text='Idle').wait_for(timeout=120000)
-        if not full_run(nb):
-            _run_first_code_cell(page)
-            page.screenshot(path=str(OUT/f'{nb.stem}.png'))
-            print(f'{nb.stem}: no widget controls; opened, rendered, parameters cell run')
-            assert not errors, '\n'.join(errors)
-            return
         seconds = _run_all(page)
         widgets = page.locator('.jp-OutputArea-output .jupyter-widgets').count()
         text = page.locator('.jp-NotebookPanel').inner_text()
