@@ -87,3 +87,9 @@ def executed_notebooks(request)->dict[str, str|None]:
         if todo: print(f'docs build attempt {attempt + 1}: retrying {todo}', flush=True)
     print(f'{len(results)} notebooks executed in {time.time() - t0:.0f} s', flush=True)
     return results
+
+
+@pytest.fixture(scope='session')
+def docs_site(executed_notebooks)->Path:
+    "The folder of the offline site that `executed_notebooks` rendered (every page, failed notebooks included)."
+    return SITE

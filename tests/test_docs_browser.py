@@ -13,17 +13,16 @@ from medssm.docs import serve_site, list_notebooks
 pytestmark = pytest.mark.browser
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT/'tests'/'_out'/'docs_browser'
-SITE = ROOT/'tests'/'_out'/'docs_site'   # built by conftest.executed_notebooks
 PAGES = [p.stem for p in list_notebooks(ROOT/'nbs')]
 WALKTHROUGHS = [p.stem for p in sorted((ROOT/'nbs').glob('[0-9]9_*.ipynb'))]
 
 
 @pytest.fixture(scope='module')
-def site(browser, executed_notebooks):
-    """The site built by `executed_notebooks` (every notebook executed once in quick mode), served on 127.0.0.1.
+def site(browser, docs_site):
+    """The site built by conftest's `executed_notebooks` (every notebook executed once in quick mode), on 127.0.0.1.
     A notebook that failed still has its page (with the error on top); its page test fails, the others run."""
     shutil.rmtree(OUT, ignore_errors=True); OUT.mkdir(parents=True)
-    with serve_site(SITE) as url: yield url
+    with serve_site(docs_site) as url: yield url
 
 
 def open_page(browser, url):

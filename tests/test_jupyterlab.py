@@ -1,7 +1,7 @@
 """The JupyterLab experience in a real browser: `jupyter lab` on 127.0.0.1 (free port, no token, --allow-root),
 each walkthrough notebook (nbs/x9_*.ipynb, found by glob) plus the engine's widget notebook opened in headless
 chromium, all its cells run in quick mode (MEDSSM_QUICK=1 in the server's environment): no cell fails, the widgets
-render, and moving a control (slider, dropdown or checkbox) of a widget changes that widget's output (a browser →
+render, and moving a control (dropdown, toggle buttons, checkbox or slider) of a widget changes that widget's output (a browser →
 kernel → browser round trip).
 
 The server serves a temporary copy of nbs/ (so nothing is ever saved into the repository) in which the cells the
