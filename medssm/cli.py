@@ -32,7 +32,7 @@ class Command:
 
 COMMANDS: dict[tuple[str, str], Command] = {}
 DEMOS: dict[str, tuple[str, Callable]] = {}
-PLUGINS = ('medssm.mil_cli', 'medssm.wsi_cli', 'medssm.seg_cli', 'medssm.meta_cli', 'medssm.meta2_cli', 'medssm.vlm_cli', 'medssm.docs_cli')
+PLUGINS = ('medssm.mil.cli', 'medssm.mil.wsi_cli', 'medssm.seg.cli', 'medssm.meta.cli', 'medssm.meta.experiments_cli', 'medssm.vlm.cli', 'medssm.tools.docs_cli')
 
 def arg(*flags, **kwargs)->tuple:
     "An argparse argument spec: `arg('--epochs', type=int, default=10, help='...')`."

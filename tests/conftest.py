@@ -24,7 +24,7 @@ CELL_LIMIT = int(os.environ.get('MEDSSM_CELL_LIMIT', 600))      # seconds for on
 @pytest.fixture(scope='module')   # per module: Playwright's loop must not outlive the module that uses it
 def browser():
     "Headless Debian chromium driven by Playwright for the browser tests; fails (never skips) when missing."
-    from medssm.docs import launch_chromium, sync_playwright, BrowserMissing
+    from medssm.tools.docs import launch_chromium, sync_playwright, BrowserMissing
     try: manager, missing = sync_playwright(), None
     except BrowserMissing as e: missing = str(e)
     if missing:
@@ -65,7 +65,7 @@ def executed_notebooks(request)->dict[str, str|None]:
     Notebooks run in one build process (a process per notebook cost ~10 s of start-up each); a process that hangs is
     killed at BUILD_LIMIT and a notebook that failed or got no result is tried again (a kernel was seen to hang now
     and then), up to three attempts. Shared by tests/test_notebooks.py and the docs-site tests."""
-    from medssm.docs import list_notebooks
+    from medssm.tools.docs import list_notebooks
     every = [p.stem for p in list_notebooks(ROOT/'nbs')]
     wanted = set()
     for item in request.session.items:

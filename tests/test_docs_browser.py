@@ -8,7 +8,7 @@ import shutil, time
 from pathlib import Path
 
 import pytest
-from medssm.docs import serve_site, list_notebooks
+from medssm.tools.docs import serve_site, list_notebooks
 
 pytestmark = pytest.mark.browser
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from medssm.docs import kernel_env, read_notebook, is_skipped
+from medssm.tools.docs import kernel_env, read_notebook, is_skipped
 
 pytestmark = pytest.mark.browser
 ROOT = Path(__file__).resolve().parents[1]

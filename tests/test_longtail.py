@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medssm.core import InputError
-from medssm.longtail import (LT_METHODS, LongTailStep, class_balanced_weights, eps_gradient, l2rw_weights, longtail_counts,
+from medssm.meta.longtail import (LT_METHODS, LongTailStep, class_balanced_weights, eps_gradient, l2rw_weights, longtail_counts,
                              split_state, virtual_step, val_loss_acc)
 
 
@@ -114,7 +114,7 @@ def test_cli_longtail_errors(tmp_path, capsys):
 
 def test_resumed_run_matches_uninterrupted(tmp_path):
     "A weighting stage stopped after one epoch and resumed from its run folder gives the same history and test error."
-    from medssm.longtail import load_longtail, quick_longtail_config, train_longtail, train_stage1
+    from medssm.meta.longtail import load_longtail, quick_longtail_config, train_longtail, train_stage1
     torch.set_num_threads(1)
     c = quick_longtail_config(epochs=4, t1=2, milestones=[2], method='lazy_two_component')
     data = load_longtail(c)

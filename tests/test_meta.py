@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medssm.meta import bench_meta, run_experiment, METHODS
+from medssm.meta.all import bench_meta, run_experiment, METHODS
 
 EXE = str(Path(sys.executable).with_name('medssm'))
 

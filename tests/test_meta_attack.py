@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from medssm.core import ConfigError, InputError
-from medssm.meta_attack import (ATTACK_METHODS, AttackConfig, MetaAttacker, QueryBudgetExceeded, QueryCounter,
+from medssm.meta.attack import (ATTACK_METHODS, AttackConfig, MetaAttacker, QueryBudgetExceeded, QueryCounter,
                                 attack_image, margin_loss, zoo_gradient)
 
 

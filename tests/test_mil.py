@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from medssm.cli import main
-from medssm.mil import create_model, count_params
-from medssm.ssm import S4D, check_ssm_methods
+from medssm.mil.models import create_model, count_params
+from medssm.mil.ssm import S4D, check_ssm_methods
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ['--n-bags', '12', '--min-len', '10', '--max-len', '30', '--in-dim', '16', '--witness-rate', '0.1']
@@ -116,6 +116,6 @@ def test_bench_json_all_models(capsys):
 
 def test_bench_isolated_process():
     "Each record can run in a fresh process (how peak memory is measured by default)."
-    from medssm.mil_cli import bench_mil
+    from medssm.mil.cli import bench_mil
     (rec,) = bench_mil(('meanpool',), lengths=(50,), repeat=1, warmup=0)
     assert rec['model'] == 'meanpool' and rec['params'] == 1025 and rec['peak_mb'] >= 0

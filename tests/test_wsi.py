@@ -10,7 +10,7 @@ import pytest
 import tifffile
 
 from medssm.cli import main
-from medssm.wsi import demo_image, make_demo_slide, write_pyramid_tiff
+from medssm.mil.wsi import demo_image, make_demo_slide, write_pyramid_tiff
 
 EXE = str(Path(sys.executable).with_name('medssm'))
 FAST = ['--extractor', 'resnet18_trunc', '--random-weights', '--num-workers', '1', '--batch-size', '8']

@@ -1,6 +1,6 @@
 """Write the embedded synthetic ultrasound phantoms of paper 2 as image/mask files.
 
-Nothing is committed here: phantoms are generated deterministically from a seed (`medssm.seg.make_phantom`), on the
+Nothing is committed here: phantoms are generated deterministically from a seed (`medssm.seg.all.make_phantom`), on the
 fly by the notebooks, demo and CLI (`--data phantoms`). This script writes them to disk for tools that want files,
 in the BUSI layout (`synthetic/<name>.png` + `<name>_mask.png`) or the generic one (`images/` + `masks/`).
 All images are SYNTHETIC (Rayleigh speckle, hypo/hyperechoic lesions, posterior shadowing/enhancement, calipers).
@@ -10,7 +10,7 @@ All images are SYNTHETIC (Rayleigh speckle, hypo/hyperechoic lesions, posterior 
 then e.g. `medssm seg train --data OUT_DIR --layout busi --patient-regex '^(phantom\\d+)_'`.
 """
 import argparse
-from medssm.seg_data import write_phantom_folder
+from medssm.seg.data import write_phantom_folder
 
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -7,16 +7,16 @@ Writes
                      built from scikit-image's real immunohistochemistry image (`skimage.data.immunohistochemistry()`,
                      colonic glands, FHL2 revealed with DAB, hematoxylin counterstain; acquired at the Center for
                      Microscopy And Molecular Imaging (CMMI); distributed with scikit-image under its BSD-3 licence).
-                     The source image's physical scale is unknown: the resolution is nominal (see medssm.wsi).
+                     The source image's physical scale is unknown: the resolution is nominal (see medssm.mil.wsi).
 - ihc_demo.geojson : outline of the DAB-positive epithelium (QuPath GeoJSON), class 'DAB-positive'
 - ihc_demo.xml     : the same polygons as ASAP XML (group '_0', holes as '_2'), CAMELYON16-style
-The code lives in medssm.wsi (`make_demo_slide`) and medssm.wsi_heatmaps (`demo_annotation`, `make_demo_data`), so
+The code lives in medssm.mil.wsi (`make_demo_slide`) and medssm.mil.heatmaps (`demo_annotation`, `make_demo_data`), so
 tests and `medssm demo` can rebuild the same files anywhere without this folder.
 """
 import json
 from pathlib import Path
 
-from medssm.wsi_heatmaps import make_demo_data
+from medssm.mil.heatmaps import make_demo_data
 
 if __name__ == '__main__':
     paths = make_demo_data(Path(__file__).resolve().parent)
