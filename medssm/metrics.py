@@ -13,7 +13,7 @@ import pandas as pd
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, train_test_split
-from .core import InputError, ConfigError, atomic_write, save_json, load_json
+from .core import InputError, ConfigError, atomic_write, save_json, load_json, stable_hash
 
 # %% auto 0
 __all__ = ['accuracy', 'auroc', 'mean_std_ci', 'summarize', 'Fold', 'make_folds', 'CVResult', 'write_csv', 'cross_validate']
@@ -126,16 +126,19 @@ def cross_validate(run_fold:Callable[[int, Fold], dict], # trains/evaluates one 
                    folds:Sequence[Fold],
                    out_dir:str|Path|None=None, # where per-fold results and tables go (enables resume)
                    confidence:float=0.95,
+                   key:str='',                 # fingerprint of what produces the results (config, data)
                   )->CVResult:
-    "Run every fold (skipping those already finished in `out_dir`) and tabulate the results."
+    "Run every fold (reusing those finished in `out_dir` with the same key) and tabulate the results."
     out = Path(out_dir) if out_dir is not None else None
     rows = []
     for k, fold in enumerate(folds):
+        fold_key = stable_hash({'key': key, 'train': fold.train, 'val': fold.val, 'test': fold.test})
         done = out/f'fold_{k}.json' if out is not None else None
-        if done is not None and done.exists(): res = load_json(done)
+        saved = load_json(done) if done is not None and done.exists() else None
+        if isinstance(saved, dict) and saved.get('key') == fold_key: res = saved['result']
         else:
             res = dict(run_fold(k, fold))
-            if done is not None: save_json(res, done)
+            if done is not None: save_json({'key': fold_key, 'result': res}, done)
         rows.append({'fold': k, **res})
     per_fold = pd.DataFrame(rows)
     summary = summarize(per_fold, confidence=confidence)

@@ -17,9 +17,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 from tqdm.auto import tqdm
 
-from .core import (Config, ConfigError, RunDir, TrainingError, derive_seed, get_device, remove_stale_temps,
-                         save_torch, seed_everything)
+from .core import Config, ConfigError, RunDir, TrainingError, derive_seed, get_device, seed_everything
 from .data import batch_size_of, to_device
+from .runs import Run
+from .weights import load_checkpoint, save_checkpoint
 
 # %% auto 0
 __all__ = ['FitConfig', 'Lookahead', 'param_groups_for', 'make_optimizer', 'unwrap', 'classification_step', 'FitState',
@@ -29,6 +30,7 @@ __all__ = ['FitConfig', 'Lookahead', 'param_groups_for', 'make_optimizer', 'unwr
 # %% ../nbs/03_train.ipynb
 @dataclass
 class FitConfig(Config):
+    RESUMABLE = frozenset({'max_epochs', 'progress', 'num_workers', 'device'})   # may change when a run resumes
     max_epochs: int = 10            # upper bound on epochs
     batch_size: int = 32            # samples per optimizer micro-step
     lr: float = 1e-3                # learning rate
@@ -255,17 +257,20 @@ class FitResult:
     best_epoch: int           # epoch of the best `monitor` value (-1 if none)
     best_score: float|None
     model: nn.Module          # the trained model (best weights when `restore_best`)
-    run: RunDir|None = None
+    run: Run|None = None
 
-_RESUMABLE_CHANGES = {'max_epochs', 'progress', 'num_workers', 'device'}
-
-def _check_same_config(saved:dict, config:FitConfig, run:RunDir):
-    now = config.to_dict()
-    diff = sorted(k for k in set(saved) | set(now) if k not in _RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+def _check_same_config(saved:dict, config:FitConfig, run):
+    "The checkpoint's own record of the loop config must agree too (a folder edited by hand, an older version)."
+    diff = config.diff(saved, ignore_resumable=True)
     if diff:
         raise ConfigError(f"{run.path}: the run folder holds a checkpoint made with a different config "
-                          f"({', '.join(f'{k}: {saved.get(k)!r} → {now.get(k)!r}' for k in diff)}); "
+                          f"({', '.join(f'{k}: {a!r} → {b!r}' for k, (a, b) in diff.items())}); "
                           "use a new run name or delete the folder")
+
+def _as_run(run, config:FitConfig):
+    "A started `Run` (a path is started as a bare-loop run); legacy `RunDir`s pass through."
+    if run is None or isinstance(run, (Run, RunDir)): return run
+    return Run.start(run, config, kind='fit')
 
 def _build_callbacks(config:FitConfig, monitor:str, extra:Sequence[Callback])->list[Callback]:
     cbs = []
@@ -329,7 +334,7 @@ def fit(model:nn.Module, train_ds:Dataset, val_ds:Dataset|None=None, *,
         step:Callable=classification_step,         # batch → dict(loss, output, target), see above
         eval_step:Callable|None=None,              # validation step (defaults to `step`)
         metrics:dict[str, Callable]|None=None,     # name → fn(target, output), logged as val_<name>
-        run:RunDir|str|Path|None=None,             # run folder (checkpoints, metrics.jsonl); enables resume
+        run:Run|str|Path|None=None,                # run folder (checkpoints, metrics.jsonl); enables resume
         collate_fn:Callable|None=None,
         callbacks:Sequence[Callback]=(),
         param_groups:list[dict]|None=None,         # explicit optimizer groups
@@ -338,8 +343,8 @@ def fit(model:nn.Module, train_ds:Dataset, val_ds:Dataset|None=None, *,
     "Train `model` on `train_ds`, validating on `val_ds` each epoch; resumable and DDP-aware."
     config = (config or FitConfig()).check()
     rank, world, _ = dist_info()
+    run = _as_run(run, config) if rank == 0 else (Run(run) if isinstance(run, (str, Path)) else run)
     device, own_pg = _setup_distributed(get_device(config.device or None))
-    if run is not None and not isinstance(run, RunDir): run = RunDir(run, root=None)
     monitor = config.monitor if val_ds is not None else 'train_loss'
     progress = config.progress and rank == 0 and not os.environ.get('TQDM_DISABLE')   # tqdm's own off switch
     eval_step = eval_step or step
@@ -350,11 +355,10 @@ def fit(model:nn.Module, train_ds:Dataset, val_ds:Dataset|None=None, *,
         scaler = torch.amp.GradScaler('cuda') if (config.amp and device.type == 'cuda') else None
         callbacks = _build_callbacks(config, monitor, callbacks)
         state = FitState(model, opt, config, run)
-        start, stopped = 0, False
+        start, stopped, best_weights = 0, False, None
         ckpt_path = run.checkpoint_path('last') if run is not None else None
-        if run is not None and rank == 0: remove_stale_temps(run.path)   # left by a killed earlier attempt
         if ckpt_path is not None and ckpt_path.exists():
-            ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+            ck = load_checkpoint(ckpt_path, map_location=device)
             _check_same_config(ck['config'], config, run)
             model.load_state_dict(ck['model']); opt.load_state_dict(ck['optimizer'])
             if scaler is not None and ck['scaler'] is not None: scaler.load_state_dict(ck['scaler'])
@@ -362,7 +366,7 @@ def fit(model:nn.Module, train_ds:Dataset, val_ds:Dataset|None=None, *,
             state.history, state.best_score, state.best_epoch = ck['history'], ck['best_score'], ck['best_epoch']
             start, stopped = ck['epoch'] + 1, ck['stopped']
             if rank == 0: run.write_metrics(state.history)   # drop records of an epoch that was cut short
-        elif run is not None and rank == 0: run.save_config(config)
+        elif isinstance(run, RunDir) and rank == 0: run.save_config(config)
         if world > 1:
             state.model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == 'cuda' else None,
@@ -387,16 +391,20 @@ def fit(model:nn.Module, train_ds:Dataset, val_ds:Dataset|None=None, *,
             logs['seconds'] = round(time.time() - t0, 3)
             state.history.append(logs)
             improved = is_better(logs[monitor], state.best_score, config.mode)
-            if improved: state.best_score, state.best_epoch = logs[monitor], epoch
+            if improved:
+                state.best_score, state.best_epoch = logs[monitor], epoch
+                best_weights = {k: v.detach().to('cpu', copy=True) for k, v in unwrap(state.model).state_dict().items()}
             if run is not None and rank == 0:
-                if improved: save_torch({'epoch': epoch, 'score': logs[monitor], 'model': unwrap(state.model).state_dict()}, run.checkpoint_path('best'))
+                if improved: save_checkpoint({'epoch': epoch, 'score': logs[monitor], 'model': best_weights}, run.checkpoint_path('best'))
                 run.write_metrics(state.history)
-                save_torch(_checkpoint(state, scaler, callbacks, stopped=state.stop), ckpt_path)
+                save_checkpoint(_checkpoint(state, scaler, callbacks, stopped=state.stop), ckpt_path)
             if world > 1: dist.barrier()
             if state.stop: break
         model = unwrap(state.model)
-        if config.restore_best and run is not None and run.checkpoint_path('best').exists():
-            model.load_state_dict(torch.load(run.checkpoint_path('best'), map_location=device, weights_only=False)['model'])
+        if config.restore_best:
+            if best_weights is None and run is not None and run.checkpoint_path('best').exists():   # best epoch before a resume
+                best_weights = load_checkpoint(run.checkpoint_path('best'), map_location=device)['model']
+            if best_weights is not None: model.load_state_dict(best_weights)
         return FitResult(state.history, state.best_epoch, state.best_score, model, run)
     finally:
         if own_pg: dist.destroy_process_group()

@@ -76,3 +76,53 @@ def test_cli_demo_and_errors(tmp_path):
     bad = subprocess.run([str(exe), 'demo', '--only', 'nonexistent', '--out', str(tmp_path/'x')],
                          env=ENV, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith('error: --only nonexistent') and 'Traceback' not in bad.stderr
+
+
+def test_second_run_into_a_live_folder_is_refused_at_once(tmp_path):
+    run = tmp_path/'live'
+    first = subprocess.Popen([PY, str(SCRIPT), str(run), '50', '--sleep', '0.01'], env=ENV)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run/'.lock').exists(): time.sleep(0.02)
+        assert (run/'.lock').exists(), 'the first run never started'
+        t0 = time.time()
+        second = subprocess.run([PY, str(SCRIPT), str(run), '50'], env=ENV, capture_output=True, text=True, timeout=120)
+        assert second.returncode != 0 and f'in use by process {first.pid}' in second.stderr, second.stderr[-2000:]
+        assert time.time() - t0 < 60          # refused at start-up, not after training
+    finally:
+        first.kill(); first.wait()
+    # the killed run left a stale lock: the next start takes it over and resumes
+    done = subprocess.run([PY, str(SCRIPT), str(run), '2'], env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not (run/'.lock').exists()
+
+
+_EVIL = """
+import os, torch
+class Evil:
+    def __reduce__(self): return (os.system, ('touch {marker}',))
+torch.save({{'model': {{}}, 'epoch': 0, 'x': Evil()}}, {path!r})
+"""
+
+def test_crafted_checkpoint_does_not_run_on_resume(tmp_path):
+    run = tmp_path/'r'
+    subprocess.run([PY, str(SCRIPT), str(run), '1'], check=True, env=ENV, timeout=300)
+    marker = tmp_path/'pwned'
+    subprocess.run([PY, '-c', _EVIL.format(marker=marker, path=str(run/'checkpoints'/'last.pt'))], check=True, env=ENV)
+    r = subprocess.run([PY, str(SCRIPT), str(run), '2'], env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and 'refused' in r.stderr, r.stderr[-2000:]
+    assert not marker.exists()
+
+
+def test_help_and_version_do_not_import_torch():
+    code = ("import sys, io, contextlib\nfrom medssm.cli import main\n"
+            "for argv in (['--help'], ['--version']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()):\n"
+            "        try: main(argv)\n"
+            "        except SystemExit: pass\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'pandas', 'sklearn')))")
+    r = subprocess.run([PY, '-c', code], env=ENV, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == '[]', r.stdout + r.stderr
+    v = subprocess.run([str(Path(PY).with_name('medssm')), '--version'], env=ENV, capture_output=True, text=True, timeout=60)
+    assert v.stdout.startswith('medssm ') and v.returncode == 0
+

@@ -15,11 +15,11 @@ import nbformat
 from ..core import MedssmError, InputError, ConfigError, atomic_write
 
 # %% auto 0
-__all__ = ['HTML_MANAGER', 'MATHJAX', 'PLOTLY_MIME', 'WIDGET_STATE', 'GROUPS', 'CHROMIUM_ARGS', 'NpmPackage', 'default_cache_dir',
-           'npm_package', 'NotebookError', 'Executed', 'read_notebook', 'is_skipped', 'kernel_env', 'execute_notebook',
-           'prepare_for_page', 'notebook_title', 'list_notebooks', 'sidebar_html', 'quarto_sidebar', 'render_page',
-           'SiteBuild', 'copy_assets', 'build_site', 'serve_site', 'BrowserMissing', 'find_chromium', 'launch_chromium',
-           'sync_playwright']
+__all__ = ['HTML_MANAGER', 'MATHJAX', 'PLOTLY_MIME', 'WIDGET_STATE', 'SIDEBAR_SECTIONS', 'CHROMIUM_ARGS', 'NpmPackage',
+           'default_cache_dir', 'npm_package', 'NotebookError', 'Executed', 'read_notebook', 'is_skipped', 'kernel_env',
+           'execute_notebook', 'prepare_for_page', 'notebook_title', 'list_notebooks', 'sidebar_html', 'quarto_sidebar',
+           'render_page', 'SiteBuild', 'copy_assets', 'build_site', 'serve_site', 'BrowserMissing', 'find_chromium',
+           'launch_chromium', 'sync_playwright']
 
 # %% ../../nbs/07_docs.ipynb
 @dataclasses.dataclass(frozen=True)
@@ -320,7 +320,7 @@ _SITE_CSS = """body{margin:0}
 """
 
 # %% ../../nbs/07_docs.ipynb
-GROUPS = {'0': 'Engine', '1': 'Paper 1 · state-space MIL', '2': 'Paper 2 · lightweight U-Net',
+SIDEBAR_SECTIONS = {'0': 'Engine', '1': 'Paper 1 · state-space MIL', '2': 'Paper 2 · lightweight U-Net',
           '3': 'Paper 3 · lazy meta-learning', '4': 'Paper 4 · perturbed reports'}
 
 def list_notebooks(nbs_dir:str|Path)->list[Path]:
@@ -338,7 +338,7 @@ def sidebar_html(pages:list[tuple[str, str]],  # (page stem, title) in order, 'i
     group = None
     for stem, title in pages:
         if stem == 'index': parts.append(link(stem, 'Home')); continue
-        g = GROUPS.get(stem[0], 'Other') if stem[:2].isdigit() else 'Other'
+        g = SIDEBAR_SECTIONS.get(stem[0], 'Other') if stem[:2].isdigit() else 'Other'
         if g != group:
             parts += ['</ul>', f'<h4>{html.escape(g)}</h4>', '<ul>']; group = g
         parts.append(link(stem, title or stem))
@@ -350,7 +350,7 @@ def quarto_sidebar(nbs_dir:str|Path)->str:
     lines, group = ['website:', '  sidebar:', '    contents:'], None
     for p in list_notebooks(nbs_dir):
         if p.stem == 'index': lines.append('      - index.ipynb'); continue
-        g = GROUPS.get(p.stem[0], 'Other') if p.stem[:2].isdigit() else 'Other'
+        g = SIDEBAR_SECTIONS.get(p.stem[0], 'Other') if p.stem[:2].isdigit() else 'Other'
         if g != group:
             lines += [f'      - section: "{g}"', '        contents:']; group = g
         lines.append(f'          - {p.name}')
