@@ -24,17 +24,16 @@ class Group:
 
 GROUPS: dict[str, Group] = {
     'mil': Group('Paper 1: SSM-MIL on whole-slide features — train, cross-validate, evaluate, ablate', ('medssm.mil.cli',)),
-    'wsi': Group('Paper 1: whole-slide pipeline — tiling, patch features (CLAM .h5), heatmaps', ('medssm.mil.wsi_cli',)),
+    'wsi': Group('Paper 1: whole-slide pipeline — tiling, patch features (CLAM .h5), heatmaps', ('medssm.mil.cli',)),
     'seg': Group('Paper 2: lightweight U-Nets for ultrasound segmentation — train, evaluate, the tuning ladder', ('medssm.seg.cli',)),
     'meta': Group('Paper 3: lazy long-horizon meta-learning — few-shot, long-tailed recognition, meta-attack',
-                  ('medssm.meta.cli', 'medssm.meta.experiments_cli')),
+                  ('medssm.meta.cli',)),
     'vlm': Group('Paper 4: perturbed report discrimination — pre-train, evaluate, fine-tune', ('medssm.vlm.cli',)),
     'bench': Group('speed and memory benchmarks of the four papers (JSON records with --json)',
-                   ('medssm.mil.cli', 'medssm.mil.wsi_cli', 'medssm.seg.cli', 'medssm.meta.cli', 'medssm.vlm.cli')),
+                   ('medssm.mil.cli', 'medssm.seg.cli', 'medssm.meta.cli', 'medssm.vlm.cli')),
     'docs': Group('build or serve the offline docs site', ('medssm.tools.docs_cli',)),
 }
-DEMO_MODULES = ('medssm.mil.cli', 'medssm.mil.wsi_cli', 'medssm.seg.cli', 'medssm.meta.cli',
-                'medssm.meta.experiments_cli', 'medssm.vlm.cli')
+DEMO_MODULES = ('medssm.mil.cli', 'medssm.seg.cli', 'medssm.meta.cli', 'medssm.vlm.cli')
 _log = logging.getLogger('medssm')
 
 def load_modules(modules)->list[str]:
@@ -99,7 +98,10 @@ def _esc(text:str|None)->str|None:
 def _leaves(cls, prefix:str='')->list[tuple[str, dataclasses.Field, Any, str]]:
     "(dotted name, field, type, docment) of every leaf option of a config class, nested configs flattened."
     from fastcore.docments import docments
-    hints, docs, out = typing.get_type_hints(cls), docments(cls), []
+    docs = {}
+    for c in reversed(cls.__mro__):                 # inherited fields keep their docments; subclasses override
+        if dataclasses.is_dataclass(c) and c is not Config: docs.update({k: v for k, v in docments(c).items() if v})
+    hints, out = typing.get_type_hints(cls), []
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if isinstance(tp, type) and issubclass(tp, Config): out += _leaves(tp, f'{prefix}{f.name}.')
@@ -152,10 +154,11 @@ def add_options(parser:argparse.ArgumentParser, cls:type, aliases:dict|None=None
                             metavar=None if 'choices' in kw or kw.get('action') else leaf.upper(), **kw)
 
 def options_from_args(cls:type, ns:argparse.Namespace):
-    "The config of `cls`: defaults, then `--config FILE`, then the options the user set; checked."
+    "The config of `cls`: defaults, then `--config FILE`, then the options the user set (`apply_options`); checked."
     base = cls.load(ns.config) if getattr(ns, 'config', None) else cls()
-    set_ = {k[4:]: v for k, v in vars(ns).items() if k.startswith('opt:')}
-    cfg = base.replace(set_) if set_ else base
+    given = {k[4:]: v for k, v in vars(ns).items() if k.startswith('opt:')}
+    apply = getattr(base, 'apply_options', None)      # a hook for presets that yield to the flags given (e.g. --quick)
+    cfg = apply(given) if apply is not None else (base.replace(given) if given else base)
     return cfg.check()
 
 # %% ../nbs/06_cli.ipynb
@@ -187,9 +190,14 @@ def _add_command(sub, cmd:Command):
     sp.set_defaults(cmd=cmd)
     return sp
 
+class _Parser(argparse.ArgumentParser):
+    "argparse with medssm's error convention: one `error:` line (and where to get help), exit status 2."
+    def error(self, message):
+        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
+
 def build_parser(groups:list[str]|None=None, # groups whose commands to add (None: every group)
                 )->argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='medssm', description='medssm: state-space MIL, lightweight U-Nets, lazy '
+    p = _Parser(prog='medssm', description='medssm: state-space MIL, lightweight U-Nets, lazy '
                                 'meta-learning and perturbed report discrimination for medical imaging.')
     p.add_argument('--version', action='version', version=f'medssm {_version()}')
     p.add_argument('--traceback', action='store_true', help='show the full traceback of errors')
@@ -209,9 +217,11 @@ def build_parser(groups:list[str]|None=None, # groups whose commands to add (Non
         sub = gp.add_subparsers(dest='name', metavar='SUBCOMMAND', required=default is None)
         for c in cmds:
             if c.name: _add_command(sub, c)
-    for (g, n), c in COMMANDS.items():           # test groups ('_…') are not listed but work
+    hidden = {}                                  # test groups ('_…') are not listed but work
+    for (g, n), c in COMMANDS.items():
         if g.startswith('_') and (groups is None or g in groups):
-            gp = top.add_parser(g); sub = gp.add_subparsers(dest='name', required=True); _add_command(sub, c)
+            if g not in hidden: hidden[g] = top.add_parser(g).add_subparsers(dest='name', required=True)
+            _add_command(hidden[g], c)
     return p
 
 def _render(result)->tuple[str|None, int]:
@@ -240,6 +250,19 @@ def _as_json(result)->str:
 def _group_of(argv:list[str])->str|None:
     return next((a for a in argv if not a.startswith('-')), None)
 
+class _CurrentStderr(logging.StreamHandler):
+    "Writes to whatever `sys.stderr` is at the time (so in-process callers that redirect it see the progress)."
+    @property
+    def stream(self): return sys.stderr
+    @stream.setter
+    def stream(self, value): pass
+
+def _setup_logging(quiet:bool):
+    if not any(isinstance(h, _CurrentStderr) for h in _log.handlers):
+        h = _CurrentStderr(); h.setFormatter(logging.Formatter('%(message)s')); _log.addHandler(h)
+    _log.propagate = False
+    _log.setLevel(logging.WARNING if quiet else logging.INFO)
+
 def main(argv:list[str]|None=None)->int:
     "Entry point of the `medssm` console script."
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -247,9 +270,10 @@ def main(argv:list[str]|None=None)->int:
     if group in GROUPS: load_modules(GROUPS[group].modules)
     elif group == 'demo': load_modules(DEMO_MODULES)
     parser = build_parser([group] if group else [])
-    args = parser.parse_args(argv)
+    try: args = parser.parse_args(argv)
+    except SystemExit as e: return int(e.code or 0)            # --help, --version, or a bad flag (argparse said why)
     quiet = getattr(args, 'quiet', False)
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format='%(message)s', stream=sys.stderr)
+    _setup_logging(quiet)
     if quiet: os.environ['TQDM_DISABLE'] = '1'
     cmd: Command = args.cmd
     try:

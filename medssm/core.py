@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 # %% auto 0
-__all__ = ['MedssmError', 'InputError', 'ConfigError', 'TrainingError', 'derive_seed', 'seed_everything', 'set_deterministic',
-           'get_device', 'set_threads', 'quick_mode', 'atomic_path', 'atomic_write', 'to_jsonable',
-           'remove_stale_temps', 'pid_alive', 'save_json', 'load_json', 'Config', 'stable_hash', 'save_torch', 'RunDir']
+__all__ = ['MedssmError', 'InputError', 'ConfigError', 'TrainingError', 'bad_value', 'derive_seed', 'seed_everything',
+           'set_deterministic', 'get_device', 'set_threads', 'run_mode', 'quick_mode', 'atomic_path', 'atomic_write',
+           'to_jsonable', 'remove_stale_temps', 'pid_alive', 'save_json', 'load_json', 'Config', 'stable_hash']
 
 # %% ../nbs/00_core.ipynb
 class MedssmError(Exception):
@@ -26,6 +26,13 @@ class ConfigError(MedssmError, ValueError):
 
 class TrainingError(MedssmError, RuntimeError):
     "Training cannot go on (for instance a non-finite loss)."
+
+def bad_value(name:str,      # the config field (its command-line flag is `--name-with-dashes`)
+              value,         # what was given
+              expected:str,  # what would have been accepted
+             )->ConfigError:
+    "The `ConfigError` for an unusable config value, naming the flag a command-line user typed."
+    return ConfigError(f"--{name.replace('_', '-')} {value!r}: expected {expected}")
 
 # %% ../nbs/00_core.ipynb
 def derive_seed(seed:int, # the root seed of a run
@@ -77,9 +84,21 @@ def set_threads(n:int|None, # torch CPU threads; 0 or None leaves torch's defaul
         for var in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'OPENBLAS_NUM_THREADS'): os.environ[var] = str(n)
     return torch.get_num_threads()
 
+def run_mode(default:str='standard', # the size when nothing is set
+            )->str:                    # 'quick', 'standard' or 'full'
+    """The size a walkthrough runs at: `$MEDSSM_MODE` (quick / standard / full), `quick` when `$MEDSSM_QUICK` is set.
+
+    quick: the test suite's size (seconds to a minute); standard: the paper's trend with confidence intervals on
+    2 CPU cores in ≤ 15 min; full: the paper's protocol on real data (GPU)."""
+    if os.environ.get('MEDSSM_QUICK', '').strip().lower() in ('1', 'true', 'yes'): return 'quick'
+    mode = os.environ.get('MEDSSM_MODE', '').strip().lower() or default
+    if mode not in ('quick', 'standard', 'full'):
+        raise ConfigError(f"MEDSSM_MODE={mode!r}: expected quick, standard or full")
+    return mode
+
 def quick_mode()->bool:
-    "True when `$MEDSSM_QUICK` is set to 1/true/yes: notebooks then run at test size."
-    return os.environ.get('MEDSSM_QUICK', '').strip().lower() in ('1', 'true', 'yes')
+    "True when notebooks run at test size (`$MEDSSM_QUICK=1` or `$MEDSSM_MODE=quick`)."
+    return run_mode() == 'quick'
 
 # %% ../nbs/00_core.ipynb
 @contextlib.contextmanager
@@ -297,53 +316,3 @@ def stable_hash(obj, # anything JSON can write (dicts are hashed with sorted key
     "The first `n` hex digits of the SHA-256 of `obj`'s canonical JSON."
     text = json.dumps(obj, sort_keys=True, default=to_jsonable, separators=(',', ':'))
     return hashlib.sha256(text.encode()).hexdigest()[:n]
-
-# %% ../nbs/00_core.ipynb
-def save_torch(obj, path:str|Path):
-    "`torch.save` atomically."
-    import torch
-    with atomic_path(path) as tmp: torch.save(obj, tmp)
-
-class RunDir:
-    "A run folder `root/name` holding config, metrics, checkpoints and figures."
-    def __init__(self, name:str|Path, # run name, or a path when `root` is None
-                 root:str|Path|None='runs', # parent folder of all runs
-                ):
-        self.path = Path(name) if root is None else Path(root)/name
-        self.path.mkdir(parents=True, exist_ok=True)
-
-    def __repr__(self): return f'RunDir({str(self.path)!r})'
-    @property
-    def name(self)->str: return self.path.name
-    @property
-    def config_path(self)->Path: return self.path/'config.json'
-    @property
-    def metrics_path(self)->Path: return self.path/'metrics.jsonl'
-
-    def save_config(self, cfg:Config|dict): save_json(cfg.to_dict() if isinstance(cfg, Config) else cfg, self.config_path)
-    def load_config(self, cls:type[Config]|None=None):
-        return cls.load(self.config_path) if cls is not None else load_json(self.config_path)
-
-    def metrics(self)->list[dict]:
-        "All records logged so far."
-        if not self.metrics_path.exists(): return []
-        return [json.loads(l) for l in self.metrics_path.read_text(encoding='utf-8').splitlines() if l.strip()]
-
-    def write_metrics(self, records:list[dict]):
-        "Replace `metrics.jsonl` with `records` (atomically)."
-        with atomic_write(self.metrics_path) as f:
-            for r in records: f.write(json.dumps(r, default=to_jsonable) + '\n')
-
-    def log(self, record:dict): self.write_metrics(self.metrics() + [record])
-
-    def checkpoint_path(self, which:str='last')->Path: return self.path/'checkpoints'/f'{which}.pt'
-    def artifact(self, name:str)->Path:
-        "Path of a named file in the run folder (parent folders created)."
-        p = self.path/name; p.parent.mkdir(parents=True, exist_ok=True); return p
-
-    def save_figure(self, fig, name:str, dpi:int=120)->Path:
-        "Save a matplotlib figure (PNG unless `name` has another suffix) under `figures/`, atomically."
-        p = self.artifact(f'figures/{name}')
-        if not p.suffix: p = p.with_suffix('.png')
-        with atomic_path(p) as tmp: fig.savefig(tmp, dpi=dpi, bbox_inches='tight', format=p.suffix[1:])
-        return p

@@ -64,7 +64,10 @@ def _stratifiable(labels, frac):
 def _group_split(labels, groups, fractions, seed):
     "Assign whole groups to parts, stratified by each group's majority label."
     uniq, inv = np.unique(groups, return_inverse=True)
-    glabels = np.array([np.bincount(np.unique(labels, return_inverse=True)[1][inv == g]).argmax() for g in range(len(uniq))])
+    _, lab = np.unique(labels, return_inverse=True)
+    counts = np.zeros((len(uniq), lab.max() + 1), np.int64)
+    np.add.at(counts, (inv, lab), 1)                               # samples per (group, label): O(N)
+    glabels = counts.argmax(1)
     gparts = stratified_split(glabels, fractions, seed)
     return [np.sort(np.flatnonzero(np.isin(inv, gp))) for gp in gparts]
 

@@ -83,6 +83,8 @@ class Registry:
     def create(self, name:str, **kwargs)->Any:
         "Build `name` with `kwargs` over the registered defaults."
         e, extra = self.split(name)
+        clash = {k for k in extra if k in kwargs and kwargs[k] != extra[k]}
+        if clash: raise ConfigError(f"{self.family} {name!r}: the name sets {sorted(clash)} and so does a keyword; give it once")
         kw = {**e.defaults, **extra, **kwargs}
         if not e._takes_any():
             bad = sorted(set(kw) - set(e.options()))

@@ -67,7 +67,7 @@ class RunKind:
     config_cls: type                                  # the paper's Config subclass
     build_model: Callable                             # config → fresh model (nn.Module, or any object with a loader)
     load_data: Callable|None = None                   # data record (dict) → dataset
-    load_model: Callable|None = None                  # (run, config, which) → model, for models that are not torch modules
+    load_model: Callable|None = None                  # (run, config, which, device) → model, for models that are not torch modules
     module: str = ''                                  # the module that registered it (imported by `load_run`)
 
 RUN_KINDS: dict[str, RunKind] = {}
@@ -241,7 +241,7 @@ def load_run(path:str|Path,     # a run folder written by a train command
         if mod and mod.startswith('medssm.'): importlib.import_module(mod)
     k = _kind(kind)
     cfg = k.config_cls.from_dict(run.config_dict())
-    if k.load_model is not None: model, ck = k.load_model(run, cfg, which), which
+    if k.load_model is not None: model, ck = k.load_model(run, cfg, which, device), which
     else:
         ck = run.checkpoint_path(which)
         if not ck.exists(): raise InputError(f"{run.path}: no {which} checkpoint ({ck}); did training finish an epoch?")

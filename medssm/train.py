@@ -17,14 +17,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 from tqdm.auto import tqdm
 
-from .core import Config, ConfigError, RunDir, TrainingError, derive_seed, get_device, seed_everything
+from .core import Config, ConfigError, TrainingError, bad_value, derive_seed, get_device, seed_everything
 from .data import batch_size_of, to_device
 from .runs import Run
 from .weights import load_checkpoint, save_checkpoint
 
 # %% auto 0
-__all__ = ['FitConfig', 'Lookahead', 'param_groups_for', 'make_optimizer', 'unwrap', 'classification_step', 'FitState',
-           'Callback', 'is_better', 'EarlyStopping', 'PlateauScheduler', 'dist_info', 'predict', 'evaluate',
+__all__ = ['FitConfig', 'Lookahead', 'param_groups_for', 'make_optimizer', 'count_params', 'unwrap', 'classification_step',
+           'FitState', 'Callback', 'is_better', 'EarlyStopping', 'PlateauScheduler', 'dist_info', 'predict', 'evaluate',
            'FitResult', 'fit']
 
 # %% ../nbs/03_train.ipynb
@@ -59,12 +59,19 @@ class FitConfig(Config):
     find_unused_parameters: bool = False  # DDP: allow parameters without gradient in a step
 
     def check(self):
-        "Raise a `ConfigError` naming the first unusable value."
-        if self.optimizer not in _OPTIMIZERS: raise ConfigError(f"optimizer={self.optimizer!r}: expected one of {sorted(_OPTIMIZERS)}")
-        if self.mode not in ('min', 'max'): raise ConfigError(f"mode={self.mode!r}: expected 'min' or 'max'")
+        "Raise a `ConfigError` naming the flag of the first unusable value."
+        if self.optimizer not in _OPTIMIZERS: raise bad_value('optimizer', self.optimizer, f'one of {sorted(_OPTIMIZERS)}')
+        if self.mode not in ('min', 'max'): raise bad_value('mode', self.mode, "'min' or 'max'")
         for name in ('max_epochs', 'batch_size', 'grad_accum'):
-            if getattr(self, name) < 1: raise ConfigError(f"{name}={getattr(self, name)}: expected ≥ 1")
-        if self.lr <= 0: raise ConfigError(f"lr={self.lr}: expected a positive learning rate")
+            if getattr(self, name) < 1: raise bad_value(name, getattr(self, name), 'an integer ≥ 1')
+        for name in ('steps_per_epoch', 'num_workers', 'lookahead_k', 'early_stop_patience', 'early_stop_min_epochs', 'plateau_patience'):
+            if getattr(self, name) < 0: raise bad_value(name, getattr(self, name), 'an integer ≥ 0')
+        if not self.lr > 0: raise bad_value('lr', self.lr, 'a positive learning rate')
+        if not self.weight_decay >= 0: raise bad_value('weight_decay', self.weight_decay, 'a number ≥ 0')
+        if not 0 <= self.momentum < 1: raise bad_value('momentum', self.momentum, 'a number in [0, 1)')
+        if not 0 < self.lookahead_alpha <= 1: raise bad_value('lookahead_alpha', self.lookahead_alpha, 'a number in (0, 1]')
+        if not self.clip_grad_norm >= 0: raise bad_value('clip_grad_norm', self.clip_grad_norm, 'a number ≥ 0 (0 = off)')
+        if not 0 <= self.plateau_factor < 1: raise bad_value('plateau_factor', self.plateau_factor, 'a number in [0, 1) (0 = off)')
         return self
 
 # %% ../nbs/03_train.ipynb
@@ -128,6 +135,10 @@ def make_optimizer(model:nn.Module, config:FitConfig,
     return Lookahead(opt, k=config.lookahead_k, alpha=config.lookahead_alpha) if config.lookahead_k > 0 else opt
 
 # %% ../nbs/03_train.ipynb
+def count_params(model:nn.Module, trainable:bool=True)->int:
+    "Number of (trainable) parameters — the count the papers' tables report."
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+
 def unwrap(model:nn.Module)->nn.Module:
     "The module inside a DistributedDataParallel / DataParallel wrapper (or the model itself)."
     return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
@@ -145,7 +156,7 @@ class FitState:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     config: FitConfig
-    run: RunDir|None
+    run: Run|None
     epoch: int = 0
     history: list = field(default_factory=list)
     best_score: float|None = None
@@ -268,8 +279,8 @@ def _check_same_config(saved:dict, config:FitConfig, run):
                           "use a new run name or delete the folder")
 
 def _as_run(run, config:FitConfig):
-    "A started `Run` (a path is started as a bare-loop run); legacy `RunDir`s pass through."
-    if run is None or isinstance(run, (Run, RunDir)): return run
+    "A started `Run` (a path is started as a bare-loop run)."
+    if run is None or isinstance(run, Run): return run
     return Run.start(run, config, kind='fit')
 
 def _build_callbacks(config:FitConfig, monitor:str, extra:Sequence[Callback])->list[Callback]:
@@ -366,7 +377,6 @@ def fit(model:nn.Module, train_ds:Dataset, val_ds:Dataset|None=None, *,
             state.history, state.best_score, state.best_epoch = ck['history'], ck['best_score'], ck['best_epoch']
             start, stopped = ck['epoch'] + 1, ck['stopped']
             if rank == 0: run.write_metrics(state.history)   # drop records of an epoch that was cut short
-        elif isinstance(run, RunDir) and rank == 0: run.save_config(config)
         if world > 1:
             state.model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == 'cuda' else None,

@@ -126,3 +126,17 @@ def test_help_and_version_do_not_import_torch():
     v = subprocess.run([str(Path(PY).with_name('medssm')), '--version'], env=ENV, capture_output=True, text=True, timeout=60)
     assert v.stdout.startswith('medssm ') and v.returncode == 0
 
+
+
+def test_exported_names_are_defined_once():
+    "No two library modules export the same name (the `all` modules re-export; per-family registries excepted)."
+    import importlib, pkgutil, medssm
+    allowed = {'create_model', 'list_models', 'MODELS'}
+    owners = {}
+    for m in pkgutil.walk_packages(medssm.__path__, 'medssm.'):
+        if m.name.endswith('.all') or m.name.endswith('_modidx'): continue
+        mod = importlib.import_module(m.name)
+        for name in getattr(mod, '__all__', []):
+            owners.setdefault(name, []).append(m.name)
+    dup = {n: ms for n, ms in owners.items() if len(ms) > 1 and n not in allowed}
+    assert not dup, dup

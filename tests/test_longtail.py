@@ -114,14 +114,42 @@ def test_cli_longtail_errors(tmp_path, capsys):
 
 def test_resumed_run_matches_uninterrupted(tmp_path):
     "A weighting stage stopped after one epoch and resumed from its run folder gives the same history and test error."
-    from medssm.meta.longtail import load_longtail, quick_longtail_config, train_longtail, train_stage1
+    from medssm.meta.longtail import load_longtail, quick_longtail_config, stage1_config, train_longtail, train_stage
     torch.set_num_threads(1)
-    c = quick_longtail_config(epochs=4, t1=2, milestones=[2], method='lazy_two_component')
+    c = quick_longtail_config(max_epochs=4, t1=2, milestones=[2], method='lazy_two_component')
     data = load_longtail(c)
-    start = train_stage1(c, data).state_dict()
-    ref = train_longtail(c, data, start, run=tmp_path/'ref')
-    train_longtail(c.replace(epochs=3), data, start, run=tmp_path/'resumed')   # "interrupted" after one weighting epoch
-    res = train_longtail(c, data, start, run=tmp_path/'resumed')
+    start = train_stage(stage1_config(c), data)['model'].state_dict()
+    ref = train_longtail(c, data, start, out=tmp_path/'ref')
+    train_longtail(c.replace(max_epochs=3), data, start, out=tmp_path/'resumed')   # "interrupted" after one weighting epoch
+    res = train_longtail(c, data, start, out=tmp_path/'resumed')
     strip = lambda h: [{k: v for k, v in r.items() if k != 'seconds'} for r in h]
     assert len(res['history']) == 2 and strip(res['history']) == strip(ref['history'])
     assert res['test_error'] == ref['test_error']
+
+
+def test_cli_longtail_run_folders_eval_and_refusals(tmp_path, capsys):
+    "Each method's run folder (kind 'longtail'): `meta eval` reproduces its test error; another model is refused untouched."
+    torch.set_num_threads(1)
+    args = ['meta', 'longtail', '--quick', '--epochs', '2', '--t1', '1', '--imbalance', '20', '--methods', 'cb_ce',
+            '--out', str(tmp_path)]
+    rc, _, err = _cli(capsys, *args)
+    assert rc == 0, err
+    run = tmp_path/'if20'/'cb_ce'
+    stored = json.loads((run/'test_metrics.json').read_text())
+    rc, out, err = _cli(capsys, 'meta', 'eval', '--run', str(run), '--seed', '3', '--json')
+    assert rc == 0, err
+    assert json.loads(out) == {'run': str(run), **stored}
+    record = json.loads((run/'run.json').read_text())
+    assert record['kind'] == 'longtail' and len(record['split']['val']) == 100 and record['data']['dataset'] == 'digits'
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob('*')) if p.is_file()}
+    rc, _, err = _cli(capsys, *args, '--model', 'resnet20')
+    assert rc == 2 and 'model: "resnet8" → "resnet20"' in err and err.count('error:') == 1, err
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob('*')) if p.is_file()} == before
+
+
+def test_bad_longtail_values(tmp_path, capsys):
+    for flags, msg in ((['--t1', '9'], '--t1 9'), (['--inner-steps', '0'], '--inner-steps 0'), (['--n-val', '0'], '--n-val 0'),
+                       (['--model', 'resnet33'], '--model resnet33')):
+        rc, _, err = _cli(capsys, 'meta', 'longtail', '--quick', *flags, '--out', str(tmp_path/'x'))
+        assert rc == 2 and msg in err and 'Traceback' not in err, (flags, err)
+    assert not (tmp_path/'x').exists()

@@ -1,11 +1,14 @@
-"""Paper 3 part 1 (lazy meta-learning): the methods against the baseline, the CLI, the benchmark."""
+"""Paper 3 part 1 (lazy meta-learning): the methods against the baseline, the memory claim, the benchmark command,
+and the configs' checks. Run folders, eval and resume safety: tests/test_meta_runs.py."""
 import json, os, subprocess, sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from medssm.meta.all import bench_meta, run_experiment, METHODS
+from medssm.core import ConfigError
+from medssm.meta.all import (METHODS, MODELS, MetaConfig, MetaTrainConfig, base_config, bench_meta, build_model,
+                             run_experiment)
 
 EXE = str(Path(sys.executable).with_name('medssm'))
 
@@ -33,44 +36,30 @@ def test_lazy_memory_flat_in_k_while_maml_grows():
     assert maml[10] > 1.5 * maml[2], maml          # linear growth on top of the query pass
 
 
-def cli(capsys, *args):
-    "Run `medssm ARGS` in-process (the console script's own entry point); (return code, stdout, stderr)."
-    from medssm.cli import main
-    rc = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-def test_cli_train_eval_resume_and_errors(tmp_path, capsys):
-    torch.set_num_threads(1)
-    run = tmp_path/'run'
-    args = ['meta', 'train', '--dataset', 'digits', '--quick', '--method', 'lazy_maml', '--iterations', 4,
-            '--batches-per-epoch', 2, '--eval-tasks', 6, '--hidden', 8, '--out', run, '--json']
-    rc, out, err = cli(capsys, *args)
-    assert rc == 0, err
-    res = json.loads(out.strip().splitlines()[-1])
-    assert res['metric'] == 'accuracy_%' and 0 <= res['mean'] <= 100 and res['n'] == 6
-    assert (run/'results.json').exists() and (run/'checkpoints'/'last.pt').exists()
-    # a second call resumes the finished run and reproduces the score
-    rc, out, err = cli(capsys, *args)
-    assert rc == 0, err
-    assert json.loads(out.strip().splitlines()[-1])['mean'] == res['mean']
-    # eval re-scores the run folder
-    rc, out, err = cli(capsys, 'meta', 'eval', '--run', run, '--tasks', 6, '--json')
-    assert rc == 0, err
-    assert json.loads(out.strip().splitlines()[-1])['mean'] == res['mean']
-    # a changed config in the same folder, an impossible episode, a missing run: one clear error each
-    rc, out, err = cli(capsys, *[a if a != 'lazy_maml' else 'maml' for a in args])
-    assert rc == 2 and 'different config' in err
-    rc, out, err = cli(capsys, 'meta', 'train', '--dataset', 'digits', '--quick', '--n-way', 9, '--out', tmp_path/'r5')
-    assert rc == 2 and 'pool has 8' in err and 'Traceback' not in err
-    rc, out, err = cli(capsys, 'meta', 'eval', '--run', tmp_path/'nothing')
-    assert rc == 2 and 'meta_config.json' in err
-
-
 def test_bench_meta_json():
-    r = medssm('bench', 'meta', '--k', 1, 3, '--methods', 'maml', 'lazy_reptile', '--image-size', 16, '--hidden', 8, '--json')
+    "`medssm bench meta` as the console script: JSON records, and --threads from the engine."
+    r = medssm('bench', 'meta', '--k', 1, 3, '--methods', 'maml', 'lazy_reptile', '--image-size', 16, '--hidden', 8,
+               '--threads', 1, '--json')
     assert r.returncode == 0, r.stderr
     recs = json.loads(r.stdout.strip().splitlines()[-1])
     assert [(d['method'], d['k']) for d in recs] == [('maml', 1), ('maml', 3), ('lazy_reptile', 1), ('lazy_reptile', 3)]
     assert all(set(d) == {'method', 'k', 'peak_mb', 'ms'} and d['ms'] > 0 for d in recs)
+
+
+def test_configs_name_the_flag_of_a_bad_value():
+    cases = [(MetaTrainConfig(n_way=1), '--n-way 1'), (MetaTrainConfig(k_shot=0), '--k-shot 0'),
+             (MetaTrainConfig().replace(inner_steps=0), '--inner-steps 0'), (MetaTrainConfig(eval_tasks=0), '--eval-tasks 0'),
+             (MetaTrainConfig().replace(checkpoints=9), '--checkpoints 9'), (MetaTrainConfig(meta_batch=0), '--meta-batch 0'),
+             (MetaTrainConfig().replace(method='lazy_reptile', n_val=0), '--n-val 0'),
+             (MetaTrainConfig(dataset='miniimagenet'), '--dataset miniimagenet needs --root')]
+    for cfg, flag in cases:
+        with pytest.raises(ConfigError, match=flag): cfg.check()
+    with pytest.raises(ConfigError, match='protonet'): MetaConfig.from_dict({'method': 'protonet'})
+
+
+def test_registry_and_presets():
+    assert {'conv4', 'sine_mlp', 'resnet8', 'resnet20', 'resnet32'} <= set(MODELS.names())
+    sin = base_config('sinusoid')
+    assert (sin.meta.task, sin.k_shot, sin.meta.inner_lr, sin.iterations) == ('regression', 10, 0.01, 70000)
+    assert build_model(sin).__class__.__name__ == 'SineMLP'
+    assert build_model(base_config('digits', quick=True))(torch.zeros(2, 1, 16, 16)).shape == (2, 5)

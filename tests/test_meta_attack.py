@@ -75,3 +75,17 @@ def test_cli_attack_end_to_end(tmp_path, capsys):
     assert (tmp_path/'table5.csv').exists() and list((tmp_path/'figures').glob('example_net4_*.png'))
     rc = main(['meta', 'attack', '--quick', '--eps', '0', '--out', str(tmp_path)])
     assert rc == 2 and 'L2 budget must be positive' in capsys.readouterr().err
+
+
+def test_cli_attack_flags(tmp_path, capsys):
+    "Old flags stay as aliases; nested loops get prefixed flags; a bad value is one error line before anything runs."
+    from medssm.cli import main
+    from medssm.meta.cli import MetaAttackOptions
+    import argparse
+    from medssm.cli import add_options
+    p = argparse.ArgumentParser(); add_options(p, MetaAttackOptions, {'--target-epochs': 'targets.max_epochs', '--meta-lr': 'attacker.fit.lr'})
+    ns = vars(p.parse_args(['--target-epochs', '3', '--meta-lr', '0.1', '--attacker-fit-max-epochs', '2', '--attack-seed', '5']))
+    assert ns['opt:targets.max_epochs'] == 3 and ns['opt:attacker.fit.lr'] == 0.1 and ns['opt:attack.seed'] == 5
+    rc = main(['meta', 'attack', '--quick', '--zoo-images', '2', '--out', str(tmp_path/'a')])
+    err = capsys.readouterr().err
+    assert rc == 2 and '--zoo-images 2' in err and err.count('error:') == 1 and not (tmp_path/'a').exists(), err

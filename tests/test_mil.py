@@ -6,8 +6,9 @@ import pandas as pd
 import pytest
 import torch
 
+import medssm.mil.cli                                   # registers the mil and wsi commands
 from medssm.cli import main
-from medssm.mil.models import create_model, count_params
+from medssm.mil.models import bench_mil, create_model
 from medssm.mil.ssm import S4D, check_ssm_methods
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,17 +16,21 @@ SMALL = ['--n-bags', '12', '--min-len', '10', '--max-len', '30', '--in-dim', '16
 
 
 def _medssm(*args, timeout=300):
+    "The command line in a fresh process (`medssm.mil.cli` imported first, whatever medssm.cli.GROUPS says)."
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    return subprocess.run([sys.executable, '-c', 'import sys; from medssm.cli import main; sys.exit(main())', *args],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+    code = 'import sys, medssm.mil.cli; from medssm.cli import main; sys.exit(main())'
+    return subprocess.run([sys.executable, '-c', code, *args], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=timeout)
 
 
 @pytest.mark.parametrize('name,expected', [('ssm', 1_085_954), ('transmil', 2_672_146), ('clam_sb', 790_791),
                                            ('clam_mb', 791_048), ('transformer', 1_054_978), ('lstm', 789_250),
                                            ('meanpool', 1_025), ('maxpool', 1_025)])
 def test_table2_param_counts(name, expected):
-    assert count_params(create_model(name)) == expected
-    assert count_params(create_model('ssm', d_state=128)) == 1_184_258
+    from medssm.mil.train import MILConfig, build_mil_model
+    assert create_model(name).n_params == expected
+    assert build_mil_model(MILConfig(model=name)).n_params == expected      # the paper config builds Table 2's model
+    assert create_model('ssm', d_state=128).n_params == create_model('ssm@128').n_params == 1_184_258
 
 
 def test_s4d_reference_state_dict_loads():
@@ -54,8 +59,12 @@ def test_cli_errors_name_the_slide(tmp_path, capsys):
                 '--out', str(tmp_path / 'r'))                     # the installed entry point: exit 2, one line
     assert p.returncode == 2 and "slide 'ghost'" in p.stderr and 'Traceback' not in p.stderr
     _features(tmp_path, n=4, nan_slide='s2')
-    assert main(['mil', 'cv', '--slides', str(tmp_path / 'slides.csv'), '--features', str(tmp_path)]) == 2
-    assert re.search(r"s2\.pt: 1 patch\(es\) have NaN/inf", capsys.readouterr().err)
+    assert main(['mil', 'cv', '--slides', str(tmp_path / 'slides.csv'), '--features', str(tmp_path), '--in-dim', '8',
+                 '--folds', '2', '--out', str(tmp_path / 'cv')]) == 2
+    assert re.search(r"1 of 4 bags failed the input check: \S*s2\.pt: 1 patch\(es\) have NaN/inf", capsys.readouterr().err)
+    assert not (tmp_path / 'cv').exists()                       # checked before anything was written
+    assert main(['mil', 'cv', '--slides', str(tmp_path / 'slides.csv'), '--features', str(tmp_path), '--folds', '2']) == 2
+    assert 'features have dimension 8, expected 1024 (in_dim, --in-dim)' in capsys.readouterr().err
     pd.DataFrame({'slide_id': ['s0', 's1'], 'label': [0, 7]}).to_csv(tmp_path / 'badlabel.csv', index=False)
     assert main(['mil', 'cv', '--slides', str(tmp_path / 'badlabel.csv'), '--features', str(tmp_path),
                  '--classes', '0', '1']) == 2
@@ -64,7 +73,7 @@ def test_cli_errors_name_the_slide(tmp_path, capsys):
     split = pd.DataFrame({'train': ['s0', 'nobody'], 'train_label': [0, 1], 'val': ['s1', None],
                           'val_label': [1, None], 'test': [None, None], 'test_label': [None, None]})
     split.to_csv(tmp_path / 'split.csv')
-    assert main(['mil', 'train', '--slides', str(tmp_path / 'slides.csv'), '--features', str(tmp_path),
+    assert main(['mil', 'train', '--slides', str(tmp_path / 'slides.csv'), '--features', str(tmp_path), '--in-dim', '8',
                  '--split', str(tmp_path / 'split.csv'), '--out', str(tmp_path / 'r2')]) == 2
     assert "'nobody' is not in the slide table" in capsys.readouterr().err
 
@@ -83,8 +92,12 @@ def test_cv_resumes_finished_folds(tmp_path):
     assert list(summary.model) == ['ssm'] and (tmp_path / 'splits' / 'fold0.csv').exists()
 
 
-def test_train_eval_on_feature_files(tmp_path):
-    "The h5/pt path end to end: train on files with the reference split format, eval writes patch scores."
+def test_train_eval_on_feature_files(tmp_path, capsys, caplog):
+    "The h5 path end to end: train on files, eval reproduces the test metrics, external eval writes patch scores."
+    import logging
+    from medssm.mil.train import same_metrics
+    from medssm.runs import Run
+    caplog.set_level(logging.INFO, logger='medssm')
     import h5py
     rng = np.random.default_rng(0)
     rows = []
@@ -96,14 +109,25 @@ def test_train_eval_on_feature_files(tmp_path):
         rows.append(dict(slide_id=f'slide{i}', label=['normal', 'tumor'][i % 2]))
     pd.DataFrame(rows).to_csv(tmp_path / 'slides.csv', index=False)
     common = ['--slides', str(tmp_path / 'slides.csv'), '--features', str(tmp_path)]
-    assert main(['mil', 'train', *common, '--model', 'ssm', '--d-state', '4', '--epochs', '2',
+    assert main(['mil', 'train', *common, '--in-dim', '8', '--model', 'ssm', '--d-state', '4', '--epochs', '2',
                  '--out', str(tmp_path / 'run')]) == 0
     assert (tmp_path / 'run' / 'checkpoints' / 'best.pt').exists()
-    assert main(['mil', 'eval', *common, '--run', str(tmp_path / 'run'), '--patch-scores']) == 0
-    pred = pd.read_csv(tmp_path / 'run' / 'eval' / 'predictions.csv')
+    run = Run(tmp_path / 'run')
+    assert run.record()['data']['source'] == 'slides' and set(run.split['test']) <= {f'slide{i}' for i in range(8)}
+    capsys.readouterr()
+    assert main(['mil', 'eval', '--run', str(tmp_path / 'run'), '--json']) == 0       # the stored test split
+    assert same_metrics(json.loads(capsys.readouterr().out), run.test_metrics())
+    assert 'on the test split stored in the run' in caplog.text
+    assert main(['mil', 'eval', *common, '--run', str(tmp_path / 'run'), '--patch-scores',
+                 '--out', str(tmp_path / 'ext')]) == 0                                  # external: all 8 slides
+    assert 'external slides' in caplog.text
+    pred = pd.read_csv(tmp_path / 'ext' / 'predictions.csv')
     assert len(pred) == 8 and np.allclose(pred[['p0', 'p1']].sum(axis=1), 1, atol=1e-5)
-    s = np.load(tmp_path / 'run' / 'eval' / 'patch_scores' / 'slide3.npy')
+    s = np.load(tmp_path / 'ext' / 'patch_scores' / 'slide3.npy')
     assert s.shape == (9,)
+    with h5py.File(tmp_path / 'slide0.h5', 'a') as f: f['features'][0, 0] += 1        # the data changes after training
+    assert main(['mil', 'eval', '--run', str(tmp_path / 'run')]) == 2
+    assert 'changed since training' in capsys.readouterr().err
 
 
 def test_bench_json_all_models(capsys):
@@ -116,6 +140,5 @@ def test_bench_json_all_models(capsys):
 
 def test_bench_isolated_process():
     "Each record can run in a fresh process (how peak memory is measured by default)."
-    from medssm.mil.cli import bench_mil
     (rec,) = bench_mil(('meanpool',), lengths=(50,), repeat=1, warmup=0)
     assert rec['model'] == 'meanpool' and rec['params'] == 1025 and rec['peak_mb'] >= 0

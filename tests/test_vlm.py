@@ -1,5 +1,5 @@
 """Paper 4 (perturbed report discrimination): the CLI end to end at quick size, offline, and its error messages."""
-import json, subprocess, sys, warnings
+import contextlib, io, json, logging, subprocess, sys, warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,17 +10,22 @@ from medssm.cli import main
 from medssm.core import ConfigError, InputError
 
 ROOT = Path(__file__).resolve().parents[1]
+torch.set_num_threads(1)
 
 
 def _run(capsys, *argv):
-    rc = main(list(argv))
+    "Run a command in-process: (exit status, stdout, stderr including the 'medssm' logger's progress lines)."
+    log, h = logging.getLogger('medssm'), logging.StreamHandler(sys.stderr)
+    log.addHandler(h); level = log.level; log.setLevel(logging.INFO)
+    try: rc = main(list(argv))
+    finally: log.removeHandler(h); log.setLevel(level)
     out = capsys.readouterr()
     return rc, out.out, out.err
 
 
 def test_bench_perturb_json_console_script():
     exe = Path(sys.executable).with_name('medssm')
-    p = subprocess.run([str(exe), 'bench', 'perturb', '--json'], capture_output=True, text=True, timeout=300)
+    p = subprocess.run([str(exe), 'bench', 'perturb', '--json', '--threads', '1'], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     rec = json.loads(p.stdout.strip().splitlines()[-1])
     assert set(rec) == {'reports', 'seconds', 'reports_per_s'} and rec['reports'] == 1000
@@ -30,42 +35,46 @@ def test_bench_perturb_json_console_script():
 
 def test_pretrain_resume_eval_finetune(tmp_path, capsys):
     run = tmp_path/'run'
-    common = ['--quick', '--n-synth', '12', '--seed', '0']
+    common = ['--quick', '--n-synth', '12', '--seed', '0', '--json']
     rc, out, err = _run(capsys, 'vlm', 'pretrain', *common, '--out', str(run), '--epochs', '1', '--steps-per-epoch', '2')
     assert rc == 0, err
-    s = json.loads(out.strip().splitlines()[-1])
+    s = json.loads(out)
     assert s['epochs'] == 1 and 0 <= s['test']['accuracy'] <= 1 and 'i2t_R@1' in s['test']
-    assert (run/'checkpoints'/'last.pt').exists() and (run/'vlm_config.json').exists()
+    assert (run/'checkpoints'/'last.pt').exists() and (run/'run.json').exists() and (run/'test_metrics.json').exists()
+    rec = json.loads((run/'run.json').read_text())
+    assert rec['kind'] == 'vlm' and rec['data']['source'] == 'synth' and rec['data']['n'] == 12
+    assert sorted(sum(rec['split'].values(), [])) == [f'synth_{i:05d}' for i in range(12)]
     # a second call with more epochs resumes from the checkpoint instead of starting over
     rc, out, err = _run(capsys, 'vlm', 'pretrain', *common, '--out', str(run), '--epochs', '2', '--steps-per-epoch', '2')
     assert rc == 0, err
-    assert json.loads(out.strip().splitlines()[-1])['epochs'] == 2
+    assert json.loads(out)['epochs'] == 2
     hist = [json.loads(l) for l in (run/'metrics.jsonl').read_text().splitlines()]
     assert [h['epoch'] for h in hist] == [0, 1]
     rc, out, err = _run(capsys, 'vlm', 'eval', *common, '--run', str(run))
     assert rc == 0, err
-    ev = json.loads(out.strip().splitlines()[-1])
+    ev = json.loads(out)
     assert {'accuracy', 'reverse', 'i2t_R@5', 't2i_R@10'} <= set(ev)
-    # the same run scores an Open-I-layout folder (XML reports + PNG images read from disk)
+    assert ev == json.loads((run/'test_metrics.json').read_text())
+    # the same run scores an Open-I-layout folder (XML reports + PNG images read from disk), saying it is other data
     xml_dir, png_dir = _fake_openi(tmp_path/'openi', 12)
     rc, out, err = _run(capsys, 'vlm', 'eval', '--data', 'openi', '--xml-dir', str(xml_dir), '--image-dir', str(png_dir),
-                        '--run', str(run))
+                        '--run', str(run), '--json')
     assert rc == 0, err
-    assert json.loads(out.strip().splitlines()[-1])['n'] >= 1
+    assert json.loads(out)['n'] == 12 and 'OTHER data' in err
     rc, out, err = _run(capsys, 'vlm', 'finetune', *common, '--run', str(run), '--task', 'image', '--findings', 'effusion', 'opacity')
     assert rc == 0, err
-    ft = json.loads(out.strip().splitlines()[-1])
-    assert set(ft) == {'task', 'effusion', 'opacity', 'Average', 'AUROC'}
+    ft = json.loads(out)
+    assert set(ft) == {'task', 'effusion', 'opacity', 'Average', 'AUROC'} and "run's own data and split" in err
     rc, out, err = _run(capsys, 'vlm', 'finetune', *common, '--run', str(run), '--task', 'nli')
     assert rc == 0, err
-    assert 0 <= json.loads(out.strip().splitlines()[-1])['accuracy'] <= 1
+    assert 0 <= json.loads(out)['accuracy'] <= 1
 
 
-def _fake_openi(root, n):
+def _fake_openi(root, n, seed=7):
     "An Open-I-layout folder: one XML per report (FINDINGS + parentImage ids) and the PNGs, from the synthetic set."
     from PIL import Image
     from medssm.vlm.all import make_synth_cxr
-    s = make_synth_cxr(n, 64, seed=7)
+    s = make_synth_cxr(n, 64, seed=seed)
     (root/'xml').mkdir(parents=True); (root/'png').mkdir()
     for i, (im, rep) in enumerate(zip(s.images, s.reports)):
         (root/'xml'/f'{i}.xml').write_text(f'<eCitation><Abstract><AbstractText Label="FINDINGS">{rep}</AbstractText>'
@@ -78,7 +87,7 @@ def test_cli_errors(tmp_path, capsys):
     rc, out, err = _run(capsys, 'vlm', 'pretrain', '--data', 'openi', '--out', str(tmp_path/'r'))
     assert rc == 2 and '--xml-dir' in err
     rc, out, err = _run(capsys, 'vlm', 'eval', '--run', str(tmp_path))
-    assert rc == 2 and 'vlm_config.json' in err
+    assert rc == 2 and 'not a run folder' in err
     rc, out, err = _run(capsys, 'bench', 'perturb', '--reports', str(tmp_path/'none.txt'))
     assert rc == 2 and 'none.txt' in err
 
@@ -91,7 +100,7 @@ def test_input_errors(tmp_path):
         perturb_batch(['ok report', 'another', ' .. '])
     bad = tmp_path/'broken.png'; bad.write_bytes(b'\x89PNG garbage')
     ds = ImageTextDataset([str(bad)], ['no effusion'], cxr_transform(32), perturbations=False)
-    with pytest.raises(InputError, match='broken.png could not be decoded'):
+    with pytest.raises(InputError, match='broken.png: not a readable image'):
         ds[0]
     (tmp_path/'x.xml').write_text('<eCitation><unclosed></eCitation>')
     with pytest.raises(InputError, match='x.xml: not valid XML'):
@@ -120,3 +129,20 @@ def test_perturbations_are_seeded_and_batch_independent():
     for r in a:
         for k in PERTURBATION_NAMES:
             if k != 'antonym_adjs': assert sorted(r[k].split()) == sorted(r['original'].split())
+
+
+def test_registries_and_weight_layouts(tmp_path):
+    "Backbones, text encoders and methods come from registries; BioViL/GLoRIA layouts load strictly; pickles are refused."
+    import torchvision
+    from medssm.registry import Registry
+    from medssm.weights import save_checkpoint
+    from medssm.vlm.all import IMAGE_BACKBONES, TEXT_ENCODERS, PRETRAIN_METHODS, ImageEncoder
+    assert all(isinstance(r, Registry) for r in (IMAGE_BACKBONES, TEXT_ENCODERS, PRETRAIN_METHODS))
+    assert PRETRAIN_METHODS.names() == ['convirt', 'gloria', 'ours_no_local', 'ours']
+    sd = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith('fc.')}
+    save_checkpoint({f'encoder.encoder.{k}': v for k, v in sd.items()}, tmp_path/'biovil.pt')
+    enc = ImageEncoder('resnet18', 8, weights=tmp_path/'biovil.pt')
+    assert torch.equal(enc.backbone.conv1.weight, sd['conv1.weight'])
+    save_checkpoint({f'encoder.encoder.{k}': v for k, v in sd.items() if 'layer4.1' not in k}, tmp_path/'part.pt')
+    with pytest.raises(InputError, match='missing: layer4.1'):
+        ImageEncoder('resnet18', 8, weights=tmp_path/'part.pt')

@@ -1,5 +1,5 @@
-"""Whole-slide pipeline through the `medssm` console script: a batch with broken slides, CLAM .h5 layout, tile then
-extract, and resume after the process is killed."""
+"""Whole-slide pipeline through the `medssm` command line: a batch with broken slides, CLAM .h5 layout, tile then
+extract, resume after the process is killed, two processes sharing one output folder."""
 import json, os, signal, subprocess, sys, time
 from pathlib import Path
 
@@ -9,10 +9,12 @@ import pandas as pd
 import pytest
 import tifffile
 
+import medssm.mil.cli                                   # registers the wsi (and mil) commands
 from medssm.cli import main
 from medssm.mil.wsi import demo_image, make_demo_slide, write_pyramid_tiff
 
-EXE = str(Path(sys.executable).with_name('medssm'))
+# the command line in a fresh process; medssm.mil.cli is imported first, whatever medssm.cli.GROUPS says
+MEDSSM = [sys.executable, '-c', 'import sys, medssm.mil.cli; from medssm.cli import main; sys.exit(main())']
 FAST = ['--extractor', 'resnet18_trunc', '--random-weights', '--num-workers', '1', '--batch-size', '8']
 
 
@@ -84,7 +86,7 @@ def test_resume_after_kill(tmp_path):
     make_demo_slide(d/'s0.tiff')
     for i in (1, 2, 3): (d/f's{i}.tiff').write_bytes((d/'s0.tiff').read_bytes())
     out = tmp_path/'o'
-    args = [EXE, 'wsi', 'run', '--slides', str(d), '--out', str(out), '--magnification', '10', *FAST]  # the console script
+    args = [*MEDSSM, 'wsi', 'run', '--slides', str(d), '--out', str(out), '--magnification', '10', *FAST]
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     t0 = time.time()
     while not list((out/'features').glob('*.h5')) and time.time() - t0 < 240 and p.poll() is None: time.sleep(0.05)
@@ -129,7 +131,7 @@ def test_heatmap_of_a_trained_mil_run(tmp_path):
         rows.append(dict(slide_id=f'b{i}', label=label))
     pd.DataFrame(rows).to_csv(tmp_path/'slides.csv', index=False)
     assert cli('mil', 'train', '--slides', tmp_path/'slides.csv', '--features', tmp_path/'bags', '--model', 'clam_sb',
-               '--epochs', 1, '--patience', 0, '--out', tmp_path/'run') == 0
+               '--in-dim', feats.shape[1], '--epochs', 1, '--patience', 0, '--out', tmp_path/'run') == 0
     assert cli('wsi', 'heatmap', '--slide', d/'demo.tiff', '--features', tmp_path/'o'/'features'/'demo.h5',
                '--run', tmp_path/'run', '--out', tmp_path/'hm') == 0
     scores = pd.read_csv(tmp_path/'hm'/'scores.csv')
@@ -138,3 +140,35 @@ def test_heatmap_of_a_trained_mil_run(tmp_path):
     assert json.loads((tmp_path/'hm'/'regions.geojson').read_text())['type'] == 'FeatureCollection'
     assert cli('wsi', 'heatmap', '--slide', d/'demo.tiff', '--features', tmp_path/'o'/'features'/'demo.h5',
                '--out', tmp_path/'hm2') == 2                   # neither --run nor --scores
+
+
+def test_two_processes_share_an_output_folder(tmp_path):
+    "Two `wsi run` on one folder claim slides (a FileLock per slide): every slide is processed once, none twice."
+    d = tmp_path/'s'; d.mkdir(); make_demo_slide(d/'s0.tiff')
+    for i in range(1, 6): (d/f's{i}.tiff').write_bytes((d/'s0.tiff').read_bytes())
+    out = tmp_path/'o'
+    args = [*MEDSSM, 'wsi', 'run', '--slides', str(d), '--out', str(out), '--magnification', '10', *FAST]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    logs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    done = [[l.split(':')[0] for l in log.splitlines() if l.endswith(': done')] for log in logs]
+    assert sorted(done[0] + done[1]) == [f's{i}.tiff' for i in range(6)], logs   # each slide by exactly one process
+    assert sorted(f.name for f in (out/'features').iterdir()) == [f's{i}.h5' for i in range(6)]   # no claims left
+    assert (pd.read_csv(out/'manifest.csv').status == 'done').all()
+
+
+def test_a_claimed_slide_is_left_to_its_owner(tmp_path):
+    "A slide whose claim a live process holds is skipped (pending), and processed once that process is gone."
+    d = tmp_path/'s'; d.mkdir(); make_demo_slide(d/'a.tiff'); (d/'b.tiff').write_bytes((d/'a.tiff').read_bytes())
+    out = tmp_path/'o'; (out/'patches').mkdir(parents=True)
+    owner = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])
+    try:
+        (out/'patches'/'.b.lock').write_text(f'{owner.pid} elsewhere\n')         # another process is on slide b
+        assert cli('wsi', 'tile', '--slides', d, '--out', out, '--magnification', 10) == 0
+        assert sorted(p.name for p in (out/'patches').glob('*.h5')) == ['a.h5']
+        man = pd.read_csv(out/'manifest.csv').set_index('slide')
+        assert (man.status['a'], man.status['b']) == ('done', 'pending')
+    finally: owner.kill(); owner.wait()
+    assert cli('wsi', 'tile', '--slides', d, '--out', out, '--magnification', 10) == 0   # the claim is stale now
+    assert sorted(p.name for p in (out/'patches').iterdir()) == ['a.h5', 'b.h5']

@@ -7,29 +7,34 @@ from __future__ import annotations
 import copy, math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import pandas as pd
 import torch, torch.nn as nn, torch.nn.functional as F
 
-from ..core import Config, ConfigError, InputError, MedssmError, RunDir, derive_seed, seed_everything, atomic_write
+from ..core import (Config, ConfigError, InputError, MedssmError, atomic_path, atomic_write, derive_seed, save_json,
+                         seed_everything)
+from ..registry import Registry
 from ..data import ArrayDataset, load_digits_arrays, stratified_split
 from ..metrics import accuracy
 from ..train import FitConfig, fit, predict
 from .core import MetaConfig
-from .data import TaskSampler, TaskBatches, unwrap_batch
+from .data import TaskSampler, TaskBatches, TaskEpochs, unwrap_batch
 from .train import MetaStep
 from .longtail import load_image_folder
 
 # %% auto 0
-__all__ = ['TARGET_MODELS', 'ATTACKER_METHODS', 'ATTACK_METHODS', 'load_attack_data', 'create_target', 'train_target',
-           'margin_loss', 'zoo_gradient', 'device_of', 'QueryBudgetExceeded', 'QueryCounter', 'MetaAttacker',
-           'whitebox_gradients', 'GradientTasks', 'gradient_scale', 'AttackerTrainConfig', 'train_attacker',
-           'gradient_cosine', 'AttackConfig', 'AttackResult', 'attack_image', 'attack_metrics', 'run_attacks',
-           'MetaAttackConfig', 'quick_attack_config', 'run_table5', 'perturbation_figure', 'PerturbationViewer']
+__all__ = ['ATTACK_DATASETS', 'TARGET_MODELS', 'ATTACKER_METHODS', 'ATTACK_METHODS', 'load_attack_data', 'target_cnn',
+           'target_mlp', 'target_fit_config', 'train_target', 'margin_loss', 'zoo_gradient', 'device_of',
+           'QueryBudgetExceeded', 'QueryCounter', 'MetaAttacker', 'whitebox_gradients', 'GradientTasks',
+           'gradient_scale', 'attacker_fit_config', 'AttackerTrainConfig', 'train_attacker', 'gradient_cosine',
+           'AttackConfig', 'AttackResult', 'attack_image', 'attack_metrics', 'run_attacks', 'MetaAttackConfig',
+           'quick_attack_config', 'run_table5', 'perturbation_figure', 'save_attack_examples', 'PerturbationViewer']
 
 # %% ../../nbs/36_meta_attack.ipynb
+ATTACK_DATASETS = ('digits', 'mnist', 'cifar10')
+
 def load_attack_data(dataset:str='digits', # 'digits', 'mnist' or 'cifar10'
                      root:str='', seed:int=0,
                     )->tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]: # float (N, C, H, W) in [0, 1], labels
@@ -39,51 +44,63 @@ def load_attack_data(dataset:str='digits', # 'digits', 'mnist' or 'cifar10'
         tr, te = stratified_split(Y, (0.8, 0.2), seed)
         X = torch.tensor(X[:, None]); Y = torch.tensor(Y)
         return X[tr], Y[tr], X[te], Y[te]
-    if dataset not in ('mnist', 'cifar10'): raise ConfigError(f"dataset {dataset!r}: expected 'digits', 'mnist' or 'cifar10'")
-    if not root: raise ConfigError(f"dataset {dataset!r} needs root=<folder with train/ and test/ class folders>")
+    if dataset not in ATTACK_DATASETS: raise ConfigError(f"--dataset {dataset}: expected one of {', '.join(ATTACK_DATASETS)}")
+    if not root: raise ConfigError(f"--dataset {dataset} needs --root <folder with train/ and test/ class folders>")
     grey, size = (True, 28) if dataset == 'mnist' else (False, 32)
-    xtr, ytr, xte, yte, _ = load_image_folder(root, size, grey)
+    src = load_image_folder(root, size, grey)
     f = lambda x: torch.tensor(x).float() / 255.0
-    return f(xtr), torch.tensor(ytr), f(xte), torch.tensor(yte)
+    return f(src.x_train), torch.tensor(src.y_train), f(src.x_test), torch.tensor(src.y_test)
 
 # %% ../../nbs/36_meta_attack.ipynb
-def _cnn(cin, n, chans=(16, 32), k=3, pool='max', hidden=0):
-    layers, c = [], cin
+TARGET_MODELS = Registry('attack target model')
+
+@TARGET_MODELS.register('net4', chans=(32, 32, 64), k=3, pool='max', hidden=64)
+@TARGET_MODELS.register('cnn_c', chans=(32,), k=5)
+@TARGET_MODELS.register('cnn_b', chans=(8, 16), k=3, pool='avg', hidden=64)
+@TARGET_MODELS.register('cnn_a', chans=(16, 32), k=3, pool='max')
+def target_cnn(in_channels:int=1,     # image channels
+               n_classes:int=10,      # outputs
+               chans:tuple=(16, 32),  # channels of each conv layer
+               k:int=3,               # kernel size
+               pool:str='max',        # 'max' or 'avg' pooling between conv layers
+               hidden:int=0,          # width of a hidden dense layer (0 = none)
+              )->nn.Sequential:
+    "A small CNN: conv + ReLU layers with pooling between them, adaptive 2×2 pooling, a dense head."
+    layers, c = [], in_channels
     for i, co in enumerate(chans):
-        layers += [nn.Conv2d(c, co, k, padding=k // 2), nn.ReLU()]
+        layers += [nn.Conv2d(c, co, k, padding=k // 2), nn.ReLU()]                   # (B, co, H', W')
         if i < len(chans) - 1: layers.append(nn.MaxPool2d(2) if pool == 'max' else nn.AvgPool2d(2))
         c = co
-    layers += [nn.AdaptiveAvgPool2d(2), nn.Flatten()]
-    head = [nn.Linear(4 * c, hidden), nn.ReLU(), nn.Linear(hidden, n)] if hidden else [nn.Linear(4 * c, n)]
+    layers += [nn.AdaptiveAvgPool2d(2), nn.Flatten()]                               # (B, 4c)
+    head = [nn.Linear(4 * c, hidden), nn.ReLU(), nn.Linear(hidden, n_classes)] if hidden else [nn.Linear(4 * c, n_classes)]
     return nn.Sequential(*layers, *head)
 
-def _mlp(cin, n, hidden=(128,), act=nn.ReLU, side=8):
-    layers, d = [nn.AdaptiveAvgPool2d(side), nn.Flatten()], cin * side * side
+@TARGET_MODELS.register('mlp_b', hidden=(64, 64), act=nn.Tanh)
+@TARGET_MODELS.register('mlp_a', hidden=(128,))
+def target_mlp(in_channels:int=1,     # image channels
+               n_classes:int=10,      # outputs
+               hidden:tuple=(128,),   # widths of the hidden layers
+               act=nn.ReLU,           # activation class
+               side:int=8,            # images are pooled to side × side first
+              )->nn.Sequential:
+    "An MLP on adaptively pooled pixels."
+    layers, d = [nn.AdaptiveAvgPool2d(side), nn.Flatten()], in_channels * side * side  # (B, C·side²)
     for h in hidden: layers += [nn.Linear(d, h), act()]; d = h
-    return nn.Sequential(*layers, nn.Linear(d, n))
+    return nn.Sequential(*layers, nn.Linear(d, n_classes))
 
-TARGET_MODELS = {
-    'cnn_a': lambda c, n: _cnn(c, n, (16, 32), 3, 'max'),
-    'cnn_b': lambda c, n: _cnn(c, n, (8, 16), 3, 'avg', hidden=64),
-    'cnn_c': lambda c, n: _cnn(c, n, (32,), 5),
-    'mlp_a': lambda c, n: _mlp(c, n, (128,)),
-    'mlp_b': lambda c, n: _mlp(c, n, (64, 64), nn.Tanh),
-    'net4':  lambda c, n: _cnn(c, n, (32, 32, 64), 3, 'max', hidden=64),
-}
+def target_fit_config(**changes)->FitConfig:
+    "How the target classifiers are trained: Adam 3e-3, batch 64, 30 epochs, the last epoch's weights."
+    d = dict(max_epochs=30, batch_size=64, lr=3e-3, monitor='train_loss', amp=False, progress=False)
+    return FitConfig(**{**d, **changes})
 
-def create_target(name:str, in_channels:int=1, n_classes:int=10, seed:int=0)->nn.Module:
-    if name not in TARGET_MODELS: raise ConfigError(f"target model {name!r}: expected one of {sorted(TARGET_MODELS)}")
-    seed_everything(derive_seed(seed, 'target', name))
-    return TARGET_MODELS[name](in_channels, n_classes)
-
-def train_target(name:str, x:torch.Tensor, y:torch.Tensor, epochs:int=30, seed:int=0, run=None,
-                 device:str='')->nn.Module:
-    "Train a target classifier with the shared fit loop (Adam 3e-3, batch 64); returns it in eval mode (on `device`)."
-    n_classes = int(y.max()) + 1
-    m = create_target(name, x.shape[1], n_classes, seed)
-    cfg = FitConfig(max_epochs=epochs, batch_size=64, lr=3e-3, seed=derive_seed(seed, 'fit', name), progress=False, amp=False,
-                    device=device)
-    return fit(m, ArrayDataset(x, y), config=cfg, run=run).model.eval()
+def train_target(name:str, x:torch.Tensor, y:torch.Tensor,
+                 config:FitConfig|None=None,  # the loop (default: `target_fit_config()`); its seed seeds init and order
+                 run=None)->nn.Module:
+    "Train a target classifier of `TARGET_MODELS` with the shared fit loop; returns it in eval mode (on the loop's device)."
+    config = config or target_fit_config()
+    seed_everything(derive_seed(config.seed, 'target', name))
+    m = TARGET_MODELS.create(name, in_channels=x.shape[1], n_classes=int(y.max()) + 1)
+    return fit(m, ArrayDataset(x, y), config=config.replace(seed=derive_seed(config.seed, 'fit', name)), run=run).model.eval()
 
 # %% ../../nbs/36_meta_attack.ipynb
 def margin_loss(logits:torch.Tensor,   # (B, K)
@@ -204,42 +221,45 @@ def gradient_scale(data:dict)->float:
 # %% ../../nbs/36_meta_attack.ipynb
 ATTACKER_METHODS = ('reptile', 'lazy_maml', 'lazy_reptile')
 
+def attacker_fit_config(**changes)->FitConfig:
+    "The attacker's outer loop: Adam 0.01 on the meta-gradient, 20 epochs of 100 meta-batches, no validation."
+    d = dict(max_epochs=20, batch_size=1, lr=0.01, optimizer='adam', momentum=0.0, steps_per_epoch=100,
+             monitor='train_loss', amp=False, progress=False)
+    return FitConfig(**{**d, **changes})
+
 @dataclass
 class AttackerTrainConfig(Config):
-    method:str = 'lazy_maml'      # 'reptile' (meta-attack), 'lazy_maml' (lazy meta-attack, Alg. 1) or 'lazy_reptile'
-    inner_steps:int = 8           # k (MNIST 8, CIFAR-10 10)
-    inner_lr:float = 0.01         # inner SGD learning rate
-    meta_lr:float = 0.01          # outer learning rate on the Reptile direction θ − φ
-    outer_optimizer:str = 'adam'  # 'adam', or 'sgd' (plain Reptile interpolation θ ← θ − meta_lr·(θ − φ))
-    meta_batch:int = 4            # tasks per meta-iteration
-    iterations:int = 2000
-    batches_per_epoch:int = 100
-    n_tr:int = 5                  # images per task: support / validation / query
-    n_val:int = 5
-    n_q:int = 5
-    width:int = 16                # autoencoder width
-    seed:int = 0
-    device:str = ''
+    meta: MetaConfig = field(default_factory=lambda: MetaConfig(method='lazy_maml', inner_steps=8, inner_lr=0.01, task='regression'))  # reptile = meta-attack; lazy_maml / lazy_reptile = lazy meta-attack
+    fit: FitConfig = field(default_factory=attacker_fit_config)   # the outer loop (lr = the meta learning rate)
+    meta_batch: int = 4           # tasks per meta-iteration
+    n_tr: int = 5                 # images per task: support
+    n_val: int = 5                # images per task: validation (the lazy teacher's γ search)
+    n_q: int = 5                  # images per task: query (the outer loss)
+    width: int = 16               # autoencoder width
+
     def check(self):
-        if self.method not in ATTACKER_METHODS: raise ConfigError(f"method {self.method!r}: expected one of {ATTACKER_METHODS}")
-        if self.iterations < 1: raise ConfigError(f"iterations={self.iterations}: expected ≥ 1")
+        "Raise a `ConfigError` naming the flag of the first unusable value; returns self."
+        super().check()
+        if self.meta.method not in ATTACKER_METHODS:
+            raise ConfigError(f"--method {self.meta.method}: the attacker is trained with one of {', '.join(ATTACKER_METHODS)}")
+        if self.meta.task != 'regression': raise ConfigError(f"--task {self.meta.task}: the attacker regresses gradients (regression)")
+        for flag, v in (('--meta-batch', self.meta_batch), ('--n-tr', self.n_tr), ('--n-val', self.n_val), ('--n-q', self.n_q),
+                        ('--width', self.width), ('--steps-per-epoch', self.fit.steps_per_epoch)):
+            if v < 1: raise ConfigError(f"{flag} {v}: expected ≥ 1")
+        if self.fit.batch_size != 1: raise ConfigError(f"--batch-size {self.fit.batch_size}: the loop takes one meta-batch per step (set --meta-batch)")
         return self
-    def meta_config(self)->MetaConfig:
-        return MetaConfig(method=self.method, inner_steps=self.inner_steps, inner_lr=self.inner_lr, task='regression')
 
 def train_attacker(cfg:AttackerTrainConfig, data:dict, run=None)->MetaAttacker:
     "Meta-train the attacker on white-box gradient tasks; returns it (with `scale` set) in eval mode."
     cfg.check()
     x0 = next(iter(data.values()))[0]
     scale = gradient_scale(data)
-    seed_everything(derive_seed(cfg.seed, 'attacker'))
+    seed_everything(derive_seed(cfg.fit.seed, 'attacker'))
     model = MetaAttacker(x0.shape[1], cfg.width); model.scale.fill_(scale)
     sampler = GradientTasks(data, scale, cfg.n_tr, cfg.n_val, cfg.n_q)
-    train = TaskBatches(sampler, cfg.meta_batch, cfg.iterations, derive_seed(cfg.seed, 'attack-tasks'))
-    fc = FitConfig(max_epochs=max(1, math.ceil(cfg.iterations / cfg.batches_per_epoch)), batch_size=1, lr=cfg.meta_lr,
-                   optimizer=cfg.outer_optimizer, momentum=0.0, steps_per_epoch=cfg.batches_per_epoch, seed=cfg.seed,
-                   device=cfg.device, progress=False, amp=False, monitor='train_loss')
-    return fit(model, train, config=fc, step=MetaStep(cfg.meta_config()), collate_fn=unwrap_batch, run=run).model.eval()
+    train = TaskBatches(sampler, cfg.meta_batch, cfg.fit.steps_per_epoch, derive_seed(cfg.fit.seed, 'attack-tasks'))
+    return fit(model, train, config=cfg.fit, step=MetaStep(cfg.meta), collate_fn=unwrap_batch, run=run,
+               callbacks=[TaskEpochs(train)]).model.eval()
 
 def gradient_cosine(attacker:MetaAttacker, model:nn.Module, x:torch.Tensor, y:torch.Tensor)->float:
     "Mean cosine similarity between predicted and true (autograd) loss gradients of `model` on (x, y)."
@@ -253,24 +273,27 @@ def gradient_cosine(attacker:MetaAttacker, model:nn.Module, x:torch.Tensor, y:to
 # %% ../../nbs/36_meta_attack.ipynb
 @dataclass
 class AttackConfig(Config):
-    targeted:bool = False       # targeted attack (target = (y + 1) mod K) instead of untargeted
-    eps:float = 2.0             # L2 budget of the perturbation (pixel units in [0, 1])
-    max_queries:int = 10000     # query budget per image
-    max_iters:int = 1000
-    lr:float = 0.2              # meta-attack: L2 length of each step
-    zoo_lr:float = 0.05         # ZOO-Adam learning rate
-    coords:int = 8              # q: coordinates estimated per ZOO round
-    finetune_every:int = 5      # meta-attack: ZOO round + fine-tuning every m iterations
-    finetune_steps:int = 5
-    finetune_lr:float = 1e-3
-    h:float = 1e-3              # finite-difference step
-    kappa:float = 0.0           # margin confidence
-    seed:int = 0
+    targeted: bool = False      # targeted attack (target = (y + 1) mod K) instead of untargeted
+    eps: float = 2.0            # L2 budget of the perturbation (pixel units in [0, 1])
+    max_queries: int = 10000    # query budget per image
+    max_iters: int = 1000       # attack iterations per image at most
+    step_size: float = 0.2      # meta-attack: L2 length of each step
+    zoo_lr: float = 0.05        # ZOO-Adam learning rate
+    coords: int = 8             # q: coordinates estimated per ZOO round
+    finetune_every: int = 5     # meta-attack: ZOO round + fine-tuning every m iterations
+    finetune_steps: int = 5     # meta-attack: Adam steps of each fine-tuning
+    finetune_lr: float = 1e-3   # meta-attack: fine-tuning learning rate
+    h: float = 1e-3             # finite-difference step
+    kappa: float = 0.0          # margin confidence
+    seed: int = 0               # seed of ZOO's random coordinates
     def check(self):
-        if self.eps <= 0: raise ConfigError(f"eps={self.eps}: the L2 budget must be positive")
-        if self.max_queries <= 0: raise ConfigError(f"max_queries={self.max_queries}: the query budget must be positive")
-        if self.max_iters < 1 or self.coords < 1 or self.finetune_every < 1:
-            raise ConfigError("max_iters, coords and finetune_every must be ≥ 1")
+        "Raise a `ConfigError` naming the flag of the first unusable value; returns self."
+        if self.eps <= 0: raise ConfigError(f"--eps {self.eps}: the L2 budget must be positive")
+        if self.max_queries <= 0: raise ConfigError(f"--max-queries {self.max_queries}: the query budget must be positive")
+        for flag, v in (('--max-iters', self.max_iters), ('--coords', self.coords), ('--finetune-every', self.finetune_every)):
+            if v < 1: raise ConfigError(f"{flag} {v}: expected ≥ 1")
+        for flag, v in (('--step-size', self.step_size), ('--zoo-lr', self.zoo_lr), ('--h', self.h)):
+            if not v > 0: raise ConfigError(f"{flag} {v}: expected a positive number")
         return self
 
 @dataclass
@@ -322,7 +345,7 @@ def attack_image(counter:QueryCounter, x:torch.Tensor, y:int, cfg:AttackConfig,
                     opt.zero_grad(); loss.backward(); opt.step()
                 with torch.no_grad(): g = local.predict_gradient(x_adv[None])[0].flatten()
                 g[idx] = est
-            x_adv = x_adv - cfg.lr * (g / g.norm().clamp_min(1e-12)).reshape(x.shape)
+            x_adv = x_adv - cfg.step_size * (g / g.norm().clamp_min(1e-12)).reshape(x.shape)
         else:
             idx = torch.randperm(D, generator=gen)[:q]
             est = zoo_gradient(lossf, x_adv, idx, cfg.h)
@@ -351,77 +374,66 @@ def run_attacks(model:nn.Module, x:torch.Tensor, y:torch.Tensor, cfg:AttackConfi
 # %% ../../nbs/36_meta_attack.ipynb
 @dataclass
 class MetaAttackConfig(Config):
-    dataset:str = 'digits'        # 'digits' (embedded), 'mnist' or 'cifar10' (image folders)
-    root:str = ''
-    white_box:list[str] = field(default_factory=lambda: ['cnn_a', 'cnn_b', 'cnn_c', 'mlp_a', 'mlp_b'])
-    black_box:list[str] = field(default_factory=lambda: ['net4'])
-    target_epochs:int = 30
-    zoo_images:int = 200          # images per white-box model with ZOO gradients
-    lazy_method:str = 'lazy_maml' # the lazy meta-attack's update: 'lazy_maml' (Alg. 1) or 'lazy_reptile'
-    inner_steps:int = 8           # k of the lazy student (MNIST 8, CIFAR-10 10)
-    inner_lr:float = 0.01
-    meta_lr:float = 0.01
-    iterations:int = 2000
-    meta_batch:int = 4
-    width:int = 16
-    n_attack:int = 100            # attacked test images per black box
-    targeted:bool = False
-    eps:float = 2.0
-    max_queries:int = 10000
-    max_iters:int = 1000
-    lr:float = 0.2
-    zoo_lr:float = 0.05
-    coords:int = 8
-    finetune_every:int = 5
-    seed:int = 0
-    device:str = ''
-    def check(self):
-        for n in self.white_box + self.black_box:
-            if n not in TARGET_MODELS: raise ConfigError(f"target model {n!r}: expected one of {sorted(TARGET_MODELS)}")
-        if not self.white_box or not self.black_box: raise ConfigError("need at least one white-box and one black-box model")
-        if self.lazy_method not in ('lazy_maml', 'lazy_reptile'):
-            raise ConfigError(f"lazy_method {self.lazy_method!r}: expected 'lazy_maml' or 'lazy_reptile'")
-        self.attack_config(); return self
-    def attack_config(self)->AttackConfig:
-        return AttackConfig(targeted=self.targeted, eps=self.eps, max_queries=self.max_queries, max_iters=self.max_iters,
-                            lr=self.lr, zoo_lr=self.zoo_lr, coords=self.coords, finetune_every=self.finetune_every,
-                            seed=self.seed).check()
-    def attacker_config(self, method:str)->AttackerTrainConfig:
-        return AttackerTrainConfig(method=method, inner_steps=self.inner_steps, inner_lr=self.inner_lr, meta_lr=self.meta_lr,
-                                   iterations=self.iterations, batches_per_epoch=min(100, self.iterations),
-                                   meta_batch=self.meta_batch, width=self.width, seed=self.seed, device=self.device)
+    dataset: Literal['digits', 'mnist', 'cifar10'] = 'digits'  # digits (embedded), or an image-folder MNIST / CIFAR-10
+    root: str = ''                # folder with train/<class>/ and test/<class>/ (mnist, cifar10)
+    white_box: list[str] = field(default_factory=lambda: ['cnn_a', 'cnn_b', 'cnn_c', 'mlp_a', 'mlp_b'])  # targets the attacker learns from
+    black_box: list[str] = field(default_factory=lambda: ['net4'])   # targets attacked through queries only
+    zoo_images: int = 200         # images per white-box model with ZOO gradients
+    n_attack: int = 100           # attacked test images per black box
+    seed: int = 0                 # seed of the digits train/attack split and of the white-box images
+    targets: FitConfig = field(default_factory=target_fit_config)     # how the target classifiers are trained
+    attacker: AttackerTrainConfig = field(default_factory=AttackerTrainConfig)  # meta-training of the lazy attacker (the meta-attack's uses reptile)
+    attack: AttackConfig = field(default_factory=AttackConfig)        # the black-box attack
 
-def quick_attack_config(**kw)->MetaAttackConfig:
-    "Test sizes: two white boxes, one black box, short training, a few images."
-    d = dict(white_box=['cnn_a', 'mlp_a'], black_box=['net4'], target_epochs=8, zoo_images=30, inner_steps=3,
-             iterations=60, width=8, n_attack=5, eps=3.0, max_queries=3000)
-    return MetaAttackConfig(**{**d, **kw})
+    def check(self):
+        "Raise a `ConfigError` naming the flag of the first unusable value; returns self."
+        super().check()
+        for flag, names in (('--white-box', self.white_box), ('--black-box', self.black_box)):
+            if not names: raise ConfigError(f"{flag}: expected at least one target model")
+            bad = [n for n in names if n not in TARGET_MODELS]
+            if bad: raise ConfigError(f"{flag} {' '.join(bad)}: expected some of {', '.join(TARGET_MODELS.names())}")
+        if self.dataset != 'digits' and not self.root: raise ConfigError(f"--dataset {self.dataset} needs --root <folder>")
+        if self.attacker.meta.method == 'reptile':
+            raise ConfigError("--method reptile: the lazy meta-attack trains with lazy_maml or lazy_reptile (the meta-attack uses reptile)")
+        need = self.attacker.n_tr + self.attacker.n_val + self.attacker.n_q
+        if self.zoo_images < need: raise ConfigError(f"--zoo-images {self.zoo_images}: a task takes --n-tr + --n-val + --n-q = {need} images")
+        if self.n_attack < 1: raise ConfigError(f"--n-attack {self.n_attack}: expected ≥ 1")
+        self.attack.check()
+        return self
+
+def quick_attack_config(**changes)->MetaAttackConfig:
+    "Test sizes: two white boxes, one black box, short training, a few images; then `changes` (leaf or dotted names)."
+    d = {'white_box': ['cnn_a', 'mlp_a'], 'black_box': ['net4'], 'zoo_images': 30, 'n_attack': 5, 'targets.max_epochs': 8,
+         'inner_steps': 3, 'attacker.fit.max_epochs': 1, 'attacker.fit.steps_per_epoch': 60, 'width': 8, 'eps': 3.0,
+         'max_queries': 3000}
+    return MetaAttackConfig().replace(d).replace(changes)
 
 ATTACK_METHODS = ('zoo', 'meta_attack', 'lazy_meta_attack')
 
-def run_table5(cfg:MetaAttackConfig, out:str|Path|None=None,
+def run_table5(cfg:MetaAttackConfig,
+               out:str|Path|None=None,                 # folder for table5.csv and config.json
                models:dict[str, nn.Module]|None=None, # already trained target models by name (trained here otherwise)
               )->tuple[pd.DataFrame, dict]:
     "Table 5: success rate, avg L2, avg queries per black box and method; also {(black box, method): results}."
     cfg.check()
     xtr, ytr, xte, yte = load_attack_data(cfg.dataset, cfg.root, cfg.seed)
-    train = lambda n: (models or {}).get(n) or train_target(n, xtr, ytr, cfg.target_epochs, cfg.seed, device=cfg.device)
+    train = lambda n: (models or {}).get(n) or train_target(n, xtr, ytr, cfg.targets)
     white = {n: train(n) for n in cfg.white_box}
     black = {n: train(n) for n in cfg.black_box}
     data = whitebox_gradients(white, xtr, ytr, cfg.zoo_images, seed=cfg.seed)
-    attackers = {'meta_attack': train_attacker(cfg.attacker_config('reptile'), data),
-                 'lazy_meta_attack': train_attacker(cfg.attacker_config(cfg.lazy_method), data)}
-    acfg, rows, results = cfg.attack_config(), [], {}
+    attackers = {'meta_attack': train_attacker(cfg.attacker.replace(method='reptile'), data),
+                 'lazy_meta_attack': train_attacker(cfg.attacker, data)}
+    rows, results = [], {}
     for bn, bm in black.items():
         cos = {m: gradient_cosine(a, bm, xte[:200], yte[:200]) for m, a in attackers.items()}
         for m in ATTACK_METHODS:
-            res = run_attacks(bm, xte, yte, acfg, attackers.get(m), cfg.n_attack, bn)
+            res = run_attacks(bm, xte, yte, cfg.attack, attackers.get(m), cfg.n_attack, bn)
             results[(bn, m)] = res
             rows.append(dict(target=f'{cfg.dataset} / {bn}', method=m, **attack_metrics(res),
                              grad_cosine=cos.get(m, float('nan'))))
     table = pd.DataFrame(rows)
     if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
+        save_json(cfg.to_dict(), Path(out)/'config.json')
         with atomic_write(Path(out)/'table5.csv') as f: table.to_csv(f, index=False)
     return table, results
 
@@ -447,6 +459,19 @@ def perturbation_figure(r:AttackResult, amplify:float=5.0, title:str|None=None):
     if title: fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+def save_attack_examples(results:dict,   # {(black box, method): [AttackResult, ...]} from `run_table5`
+                         out:str|Path,    # figures go to out/figures/example_<black box>_<method>.png
+                        )->list[Path]:
+    "One figure of the first attack of each black box and method, written atomically; returns the paths."
+    paths = []
+    for (bn, m), res in results.items():
+        if not res: continue
+        fig = perturbation_figure(res[0], title=f'{bn} / {m}')
+        path = Path(out)/'figures'/f'example_{bn}_{m}.png'
+        with atomic_path(path) as tmp: fig.savefig(tmp, dpi=100, bbox_inches='tight', format='png')
+        plt.close(fig); paths.append(path)
+    return paths
 
 class PerturbationViewer(FigureWidget):
     "Browse adversarial examples: method picker, image slider, amplification slider."

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math, itertools
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
@@ -15,41 +15,57 @@ from torch.func import functional_call, grad, vmap
 from ..core import Config, ConfigError, InputError, TrainingError
 
 # %% auto 0
-__all__ = ['METHODS', 'TASK_KEYS', 'MetaConfig', 'convex_grid', 'leap_grid', 'split_state', 'has_running_stats', 'bn_momentum',
-           'forward', 'loss_fn', 'support_loss', 'eval_forward', 'score', 'inner_loop', 'student_rollout', 'leap',
-           'TeacherChoice', 'teacher_search', 'adapt', 'task_meta_grad', 'check_task_batch', 'meta_step',
-           'surrogate_loss']
+__all__ = ['METHODS', 'TASK_KEYS', 'gamma_grid', 'MetaConfig', 'convex_grid', 'leap_grid', 'split_state', 'has_running_stats',
+           'bn_momentum', 'forward', 'loss_fn', 'support_loss', 'eval_forward', 'score', 'inner_loop',
+           'student_rollout', 'leap', 'TeacherChoice', 'teacher_search', 'adapt', 'task_meta_grad', 'check_task_batch',
+           'meta_step', 'surrogate_loss']
 
 # %% ../../nbs/30_meta_core.ipynb
 METHODS = ('maml', 'fomaml', 'reptile', 'lazy_maml', 'lazy_reptile')
 
+def gamma_grid(gamma_min:float, # first γ of the grid
+               gamma_max:float, # last γ (inclusive)
+               gamma_step:float, # spacing
+              )->torch.Tensor:   # (G,) the grid
+    "The γ grid of a lazy teacher's search, both ends included; a `ConfigError` names the flag of a bad bound."
+    if not 0 <= gamma_min <= gamma_max <= 1:
+        raise ConfigError(f"--gamma-min {gamma_min} / --gamma-max {gamma_max}: expected 0 ≤ min ≤ max ≤ 1")
+    if gamma_step <= 0: raise ConfigError(f"--gamma-step {gamma_step}: expected a positive step")
+    n = int(round((gamma_max - gamma_min) / gamma_step)) + 1
+    return torch.linspace(gamma_min, gamma_max, n)
+
 @dataclass
 class MetaConfig(Config):
-    method:str = 'maml'          # one of METHODS
-    inner_steps:int = 5          # k: student (inner) SGD steps during meta-training
-    eval_steps:int = 0           # inner steps at evaluation; 0 = same as inner_steps
-    inner_lr:float = 0.01        # α (MAML) / η (Alg. 1): the inner SGD learning rate
-    task:str = 'classification'  # 'classification' (cross-entropy, γ chosen by accuracy) or 'regression' (MSE, by loss)
-    checkpoints:int = 1          # b: the teacher combines the student's last b checkpoints (Eq. 5)
-    gamma_min:float = 0.75       # γ grid start (section 5.1)
-    gamma_max:float = 0.95       # γ grid end
-    gamma_step:float = 0.05      # γ grid step
-    coef_step:float = 0.5        # grid step of the convex coefficients α_j over the b checkpoints (b > 1)
-    bn:str = 'batch'             # 'batch': BatchNorm uses the statistics of each batch ("BN with test data");
-                                 # 'support': support-set statistics normalise validation/query data
-    vmap:bool = True             # vectorise over the tasks of a meta-batch with torch.func.vmap when possible
+    method: Literal['maml', 'fomaml', 'reptile', 'lazy_maml', 'lazy_reptile'] = 'maml'  # the meta-learner (lazy_*: Alg. 1's teacher–student versions)
+    inner_steps: int = 5          # k: student (inner) SGD steps during meta-training
+    eval_steps: int = 0           # inner steps at evaluation; 0 = same as --inner-steps
+    inner_lr: float = 0.01        # α (MAML) / η (Alg. 1): the inner SGD learning rate
+    task: Literal['classification', 'regression'] = 'classification'  # cross-entropy, γ chosen by accuracy; or MSE, γ by loss
+    checkpoints: int = 1          # b: the teacher combines the student's last b checkpoints (Eq. 5)
+    gamma_min: float = 0.75       # γ grid start (section 5.1)
+    gamma_max: float = 0.95       # γ grid end
+    gamma_step: float = 0.05      # γ grid step
+    coef_step: float = 0.5        # grid step of the convex coefficients α_j over the b checkpoints (b > 1)
+    bn: Literal['batch', 'support'] = 'batch'  # BatchNorm statistics of validation/query data: their own batch's, or the support set's
+    vmap: bool = True             # vectorise over the tasks of a meta-batch with torch.func.vmap when possible
 
-    def __post_init__(self):
-        if self.method not in METHODS: raise ConfigError(f"method {self.method!r}: expected one of {METHODS}")
+    def check(self):
+        "Raise a `ConfigError` naming the flag of the first unusable value; returns self."
+        super().check()
+        if self.method not in METHODS: raise ConfigError(f"--method {self.method}: expected one of {', '.join(METHODS)}")
         if self.task not in ('classification', 'regression'):
-            raise ConfigError(f"task {self.task!r}: expected 'classification' or 'regression'")
-        if self.bn not in ('batch', 'support'): raise ConfigError(f"bn {self.bn!r}: expected 'batch' or 'support'")
-        if self.inner_steps < 1: raise ConfigError(f"inner_steps={self.inner_steps}: need at least one inner step")
+            raise ConfigError(f"--task {self.task}: expected classification or regression")
+        if self.bn not in ('batch', 'support'): raise ConfigError(f"--bn {self.bn}: expected batch or support")
+        if self.inner_steps < 1: raise ConfigError(f"--inner-steps {self.inner_steps}: expected ≥ 1 (k, the student's SGD steps)")
+        if self.eval_steps < 0: raise ConfigError(f"--eval-steps {self.eval_steps}: expected ≥ 0 (0 = --inner-steps)")
+        if not self.inner_lr > 0: raise ConfigError(f"--inner-lr {self.inner_lr}: expected a positive learning rate")
         if not 1 <= self.checkpoints <= self.inner_steps:
-            raise ConfigError(f"checkpoints={self.checkpoints}: need 1 <= b <= inner_steps={self.inner_steps}")
-        if not 0 <= self.gamma_min <= self.gamma_max <= 1 or self.gamma_step <= 0:
-            raise ConfigError(f"gamma grid {self.gamma_min}..{self.gamma_max} step {self.gamma_step}: need 0<=min<=max<=1, step>0")
-        if not 0 < self.coef_step <= 1: raise ConfigError(f"coef_step={self.coef_step}: expected 0 < step <= 1")
+            raise ConfigError(f"--checkpoints {self.checkpoints}: expected 1 ≤ b ≤ --inner-steps ({self.inner_steps})")
+        gamma_grid(self.gamma_min, self.gamma_max, self.gamma_step)
+        n = round(1 / self.coef_step) if 0 < self.coef_step <= 1 else 0
+        if not n or abs(n * self.coef_step - 1) > 1e-6:
+            raise ConfigError(f"--coef-step {self.coef_step}: expected 1/N for a whole number N (0.5, 0.25, …)")
+        return self
 
     @property
     def lazy(self)->bool: return self.method.startswith('lazy')
@@ -57,8 +73,7 @@ class MetaConfig(Config):
     def k_eval(self)->int: return self.eval_steps or self.inner_steps
     def gammas(self)->torch.Tensor:
         "The γ grid of the teacher's search (inclusive of both ends)."
-        n = int(round((self.gamma_max - self.gamma_min) / self.gamma_step)) + 1
-        return torch.linspace(self.gamma_min, self.gamma_max, n)
+        return gamma_grid(self.gamma_min, self.gamma_max, self.gamma_step)
 
 # %% ../../nbs/30_meta_core.ipynb
 def convex_grid(b:int,          # number of checkpoints combined
@@ -66,7 +81,7 @@ def convex_grid(b:int,          # number of checkpoints combined
                )->torch.Tensor: # (M, b) non-negative rows summing to 1
     "All points of the probability simplex in R^b whose coordinates are multiples of `step`."
     n = int(round(1 / step))
-    if abs(n * step - 1) > 1e-6: raise ConfigError(f"coef_step={step}: 1/step must be an integer")
+    if abs(n * step - 1) > 1e-6: raise ConfigError(f"--coef-step {step}: expected 1/N for a whole number N (0.5, 0.25, …)")
     pts = [c for c in itertools.product(range(n + 1), repeat=b) if sum(c) == n]
     return torch.tensor(pts, dtype=torch.float32) / n
 
@@ -272,7 +287,7 @@ def _check_finite(info:dict, where:str='meta-batch'):
 
 def meta_step(model:nn.Module, batch:dict, cfg:MetaConfig, where:str='meta-batch')->tuple[dict, dict]:
     "Meta-gradient averaged over the tasks of `batch` (name → tensor) and stacked diagnostics (leading dim T)."
-    check_task_batch(batch)
+    cfg.check(); check_task_batch(batch)
     theta, buffers = split_state(model)
     vec = cfg.vmap and not has_running_stats(model)
     fn = lambda *a: task_meta_grad(model, theta, buffers, *a, cfg)

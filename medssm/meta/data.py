@@ -13,13 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..core import InputError, ConfigError, derive_seed
-from ..data import load_digits_arrays
+from ..core import InputError, ConfigError, derive_seed, stable_hash
+from ..data import IMAGE_SUFFIXES, check_all, load_digits_arrays, read_image
+from ..runs import data_record, fingerprint_files
+from ..train import Callback
 
 # %% auto 0
-__all__ = ['DIGIT_SPLITS', 'IMAGE_EXTS', 'DATASETS', 'TaskSampler', 'SinusoidTasks', 'ClassPool', 'ArrayPool', 'EpisodeSampler',
-           'rotations', 'digits_pool', 'FolderPool', 'load_omniglot', 'load_miniimagenet', 'load_tieredimagenet',
-           'load_cifar_fs', 'TaskBatches', 'unwrap_batch']
+__all__ = ['DIGIT_SPLITS', 'DATASETS', 'SINUSOID', 'DIGITS', 'FOLDER_SPLITS', 'TASK_SUBSETS', 'TaskSampler', 'SinusoidTasks',
+           'ClassPool', 'ArrayPool', 'EpisodeSampler', 'rotations', 'digits_pool', 'read_resized', 'FolderPool',
+           'load_omniglot', 'load_miniimagenet', 'load_tieredimagenet', 'load_cifar_fs', 'TaskBatches', 'TaskEpochs',
+           'unwrap_batch', 'TaskSource', 'task_source', 'load_task_source']
 
 # %% ../../nbs/31_meta_data.ipynb
 class TaskSampler:
@@ -61,6 +64,9 @@ class ClassPool:
     @property
     def n_classes(self)->int: return len(self.sizes)
     def get(self, c:int, idx:np.ndarray)->torch.Tensor: raise NotImplementedError
+    def validate(self)->int:
+        "Check every example before training (in-memory pools: nothing to read); returns the number checked."
+        return 0
 
 class ArrayPool(ClassPool):
     "A pool over in-memory images (n, C, H, W) (or (n, H, W), given one channel) and their labels."
@@ -137,9 +143,18 @@ def digits_pool(split:str='train',   # 'train', 'val' or 'test' (disjoint digits
     return ArrayPool(x, y, name=f'digits[{split}]', class_names=names)
 
 # %% ../../nbs/31_meta_data.ipynb
-IMAGE_EXTS = {'.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp'}
+def read_resized(path:str|Path, # an image file of any bit depth (read by `medssm.data.read_image`)
+                 size:int,      # side of the square result
+                 grey:bool,     # one grey channel (luma) instead of RGB
+                )->torch.Tensor: # (1 or 3, size, size) float32 in [0, 1]
+    "Read an image with its full range and resize it bilinearly (antialiased, as PIL does when shrinking)."
+    a = read_image(path, 'grey' if grey else 'rgb', as_float=True)             # (H, W) or (H, W, 3)
+    x = torch.from_numpy(a[None] if grey else np.ascontiguousarray(a.transpose(2, 0, 1)))  # (C, H, W)
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x[None], size=(size, size), mode='bilinear', align_corners=False, antialias=True)[0]
+    return x.clamp(0, 1)
 
-def _images_in(d:Path)->list[Path]: return sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+def _images_in(d:Path)->list[Path]: return sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 class FolderPool(ClassPool):
     "Classes given as lists of image files, loaded on demand as (C, size, size) tensors in [0, 1]."
@@ -151,15 +166,17 @@ class FolderPool(ClassPool):
         self.names = [f'{n}_rot{90 * r}' if n_rot > 1 else n for n, _ in self.base for r in range(n_rot)]
         self.sizes = [len(f) for _, f in self.base for _ in range(n_rot)]
 
+    def files(self)->list[Path]:
+        "Every image file of the pool."
+        return [p for _, fs in self.base for p in fs]
+
+    def validate(self)->int:
+        "Read every image once (without caching); one `InputError` lists every unreadable file. Returns the count."
+        return check_all(self.files(), lambda p: read_resized(p, self.size, self.grey), f'{self.name} images')
+
     def load(self, path:Path)->torch.Tensor:
         if self._cache is not None and path in self._cache: return self._cache[path]
-        from PIL import Image
-        try:
-            with Image.open(path) as im:
-                im = im.convert('L' if self.grey else 'RGB').resize((self.size, self.size), Image.BILINEAR)
-                a = np.asarray(im, dtype=np.float32) / 255.0
-        except Exception as e: raise InputError(f"{path}: cannot read the image ({e})") from e
-        x = torch.from_numpy(a[None] if self.grey else a.transpose(2, 0, 1).copy())  # (C, H, W)
+        x = read_resized(path, self.size, self.grey)                             # (C, H, W)
         if self._cache is not None: self._cache[path] = x
         return x
 
@@ -221,15 +238,81 @@ DATASETS = {'omniglot': load_omniglot, 'miniimagenet': load_miniimagenet,
 
 # %% ../../nbs/31_meta_data.ipynb
 class TaskBatches(Dataset):
-    "Item i = meta-batch i: `meta_batch` tasks drawn with seed derive_seed(seed, i)."
-    def __init__(self, sampler:TaskSampler, meta_batch:int, n_batches:int, seed:int=0):
-        if meta_batch < 1 or n_batches < 1: raise ConfigError(f"TaskBatches: meta_batch={meta_batch}, n_batches={n_batches}: both must be ≥ 1")
-        self.sampler, self.meta_batch, self.n_batches, self.seed = sampler, meta_batch, n_batches, seed
+    "Item i of epoch e: `meta_batch` tasks drawn with seed derive_seed(seed, 'task-batch', e, i)."
+    def __init__(self, sampler:TaskSampler,
+                 meta_batch:int,  # tasks per meta-batch
+                 n_batches:int,   # meta-batches per epoch
+                 seed:int=0):
+        if meta_batch < 1: raise ConfigError(f"--meta-batch {meta_batch}: expected ≥ 1 tasks per meta-batch")
+        if n_batches < 1: raise ConfigError(f"TaskBatches: n_batches={n_batches}: expected ≥ 1 meta-batches per epoch")
+        self.sampler, self.meta_batch, self.n_batches, self.seed, self.epoch = sampler, meta_batch, n_batches, seed, 0
+    def set_epoch(self, epoch:int): self.epoch = int(epoch)
     def __len__(self): return self.n_batches
     def __getitem__(self, i):
         if not 0 <= i < self.n_batches: raise IndexError(i)
-        return self.sampler.sample_batch(self.meta_batch, derive_seed(self.seed, 'task-batch', int(i)))
+        return self.sampler.sample_batch(self.meta_batch, derive_seed(self.seed, 'task-batch', self.epoch, int(i)))
+
+class TaskEpochs(Callback):
+    "Keeps `TaskBatches` datasets at the loop's epoch (also after a resume)."
+    def __init__(self, *datasets:TaskBatches): self.datasets = datasets
+    def _set(self, epoch):
+        for d in self.datasets: d.set_epoch(epoch)
+    def on_fit_start(self, state): self._set(len(state.history))     # epochs already done
+    def on_epoch_end(self, state, logs): self._set(state.epoch + 1)
 
 def unwrap_batch(items:list):
     "Collate function for `TaskBatches` with batch size 1: the meta-batch itself."
     return items[0]
+
+# %% ../../nbs/31_meta_data.ipynb
+SINUSOID = dict(amplitude=(0.1, 5.0), phase=(0.0, math.pi), x_range=(-5.0, 5.0))   # MAML's task distribution
+DIGITS = dict(size=16, rotate=True, splits=DIGIT_SPLITS)                           # the embedded few-shot digits
+FOLDER_SPLITS = {'omniglot': ('background', 'background', 'evaluation')}          # Omniglot has no validation folder
+TASK_SUBSETS = ('train', 'val', 'test')
+
+class TaskSource:
+    "Class pools per subset (or the sinusoid generator) with the data record a run stores."
+    def __init__(self, dataset:str, pools:dict[str, ClassPool], record:dict):
+        self.dataset, self.pools, self.record, self._checked = dataset, pools, record, None
+    @property
+    def fingerprint(self)->str: return self.record['fingerprint']
+    def __repr__(self):
+        if not self.pools: return f'TaskSource({self.dataset}: generated tasks, fingerprint {self.fingerprint})'
+        return (f"TaskSource({self.dataset}: " + ', '.join(f'{s} {p.n_classes} classes' for s, p in self.pools.items()) +
+                f', fingerprint {self.fingerprint})')
+    def split(self)->dict[str, list[str]]:
+        "Class names of each subset (empty lists for generated tasks)."
+        return {s: list(self.pools[s].names) if s in self.pools else [] for s in TASK_SUBSETS}
+    def validate(self)->int:
+        "Read every example of every subset once (folder datasets); one `InputError` lists the failures."
+        if self._checked is None:
+            shape = {f: (p.size, p.grey) for p in self.pools.values() if isinstance(p, FolderPool) for f in p.files()}
+            self._checked = check_all(shape, lambda f: read_resized(f, *shape[f]), f'{self.dataset} images')
+        return self._checked
+
+def task_source(dataset:str,   # 'sinusoid', 'digits' or a folder dataset of `DATASETS`
+                root:str='',   # folder of a folder dataset
+               )->TaskSource:
+    "The task source of `dataset`, with its fingerprint computed from what is there now."
+    if dataset == 'sinusoid':
+        return TaskSource(dataset, {}, data_record('sinusoid', stable_hash(SINUSOID), dataset=dataset, **SINUSOID))
+    if dataset == 'digits':
+        pools = {s: digits_pool(s, DIGITS['size'], DIGITS['rotate']) for s in TASK_SUBSETS}
+        return TaskSource(dataset, pools, data_record('sklearn digits (embedded)', stable_hash(DIGITS), dataset=dataset, **DIGITS))
+    if dataset not in DATASETS:
+        raise ConfigError(f"--dataset {dataset}: expected sinusoid, digits or one of {', '.join(DATASETS)}")
+    if not root: raise ConfigError(f"--dataset {dataset} needs --root <folder>")
+    names = FOLDER_SPLITS.get(dataset, TASK_SUBSETS)
+    loaded = {}
+    pools = {s: loaded.setdefault(n, DATASETS[dataset](root, n)) for s, n in zip(TASK_SUBSETS, names)}
+    root = Path(root).resolve()
+    lists = [*root.glob('*.csv'), *(root/'splits').rglob('*.txt')]            # split lists of some layouts
+    files = sorted({f.resolve() for p in loaded.values() for f in p.files()} | set(lists))
+    fp = fingerprint_files(files, root)
+    return TaskSource(dataset, pools, data_record(str(root), fp, dataset=dataset, root=str(root)))
+
+def load_task_source(record:dict)->TaskSource:
+    "Rebuild a run's task source from its stored data record (the fingerprint is computed afresh)."
+    if not isinstance(record, dict) or 'dataset' not in record:
+        raise InputError(f"data record {record!r}: expected the record of a meta-learning run (with 'dataset')")
+    return task_source(record['dataset'], record.get('root', ''))

@@ -4,9 +4,10 @@
 
 # %% ../../nbs/35_longtail.ipynb 2
 from __future__ import annotations
-import math, pickle
+import logging, math, pickle
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -14,20 +15,24 @@ import torch, torch.nn as nn, torch.nn.functional as F
 from torch.func import functional_call, grad
 from torch.utils.data import Dataset
 
-from ..core import Config, ConfigError, InputError, RunDir, derive_seed, seed_everything, atomic_write
-from ..data import load_digits_arrays
+from ..core import Config, ConfigError, InputError, atomic_write, derive_seed, get_device, seed_everything, stable_hash
+from ..data import IMAGE_SUFFIXES, check_all, load_digits_arrays
 from ..metrics import accuracy
-from ..train import Callback, FitConfig, evaluate, fit
-from .core import forward, leap, split_state
-from .data import IMAGE_EXTS
-from .train import n_params
+from ..runs import Run, data_record, fingerprint_files, load_run, register_run_kind
+from ..train import Callback, FitConfig, classification_step, evaluate, fit
+from .core import forward, gamma_grid, leap, split_state
+from .data import read_resized
+from .train import MODELS
+_log = logging.getLogger('medssm')
 
 # %% auto 0
-__all__ = ['LT_MODELS', 'LT_METHODS', 'LT_DATASETS', 'longtail_counts', 'LongTailData', 'make_longtail', 'load_cifar100',
-           'load_image_folder', 'load_digits_pool', 'ImageArrayDataset', 'channel_stats', 'class_balanced_weights',
-           'BasicBlock', 'CifarResNet', 'create_lt_model', 'batch_loss', 'virtual_step', 'val_loss_acc', 'EpsResult',
-           'eps_gradient', 'l2rw_weights', 'LongTailStep', 'LRSchedule', 'BalancedResample', 'LongTailConfig',
-           'quick_longtail_config', 'load_longtail', 'train_stage1', 'train_longtail', 'run_table4']
+__all__ = ['LT_METHODS', 'LT_DATASETS', 'LT_PARAMS', 'longtail_counts', 'LongTailData', 'make_longtail', 'SourceImages',
+           'load_cifar100', 'load_image_folder', 'load_digits_pool', 'ImageArrayDataset', 'channel_stats',
+           'class_balanced_weights', 'BasicBlock', 'CifarResNet', 'batch_loss', 'virtual_step', 'val_loss_acc',
+           'EpsResult', 'eps_gradient', 'l2rw_weights', 'LongTailStep', 'LRSchedule', 'BalancedResample',
+           'longtail_fit_config', 'LongTailConfig', 'quick_longtail_config', 'load_longtail', 'load_longtail_record',
+           'build_lt_model', 'stage1_config', 'longtail_test', 'train_stage', 'train_longtail', 'run_table4',
+           'evaluate_longtail_run']
 
 # %% ../../nbs/35_longtail.ipynb
 def longtail_counts(n_max:int,        # images kept for the head class
@@ -57,10 +62,17 @@ class LongTailData:
     y_test: np.ndarray
     counts: np.ndarray    # (n_classes,) training images per class
     name: str = 'data'
+    train_ids: list = field(default_factory=list)  # id of each training image in the source (index or file)
+    val_ids: list = field(default_factory=list)
+    test_ids: list = field(default_factory=list)
+    record: dict = field(default_factory=dict)     # data record (source, fingerprint, what rebuilds it)
     @property
     def n_classes(self)->int: return len(self.counts)
     @property
     def imbalance(self)->float: return float(self.counts[0] / self.counts[-1])
+    @property
+    def fingerprint(self)->str|None: return self.record.get('fingerprint')
+    def split(self)->dict[str, list]: return {'train': self.train_ids, 'val': self.val_ids, 'test': self.test_ids}
     def __repr__(self):
         return (f'LongTailData({self.name}: {len(self.y_train)} train (head {self.counts[0]}, tail {self.counts[-1]}), '
                 f'{len(self.y_val)} val, {len(self.y_test)} test, {self.n_classes} classes, {self.x_train.shape[1:]})')
@@ -71,6 +83,8 @@ def make_longtail(x:np.ndarray, y:np.ndarray,  # the full (balanced) training se
                   n_val:int=10,                # balanced validation images per class, taken out first
                   seed:int=0, name:str='data',
                   n_max:int|None=None,         # head size (default: the smallest class left after the validation cut)
+                  ids:list|None=None,          # id of each training image (default: its index)
+                  test_ids:list|None=None,     # id of each test image (default: its index)
                  )->LongTailData:
     "Cut a balanced training set to the long-tail profile; set aside a balanced validation set."
     y = np.asarray(y); classes = np.unique(y)
@@ -80,15 +94,31 @@ def make_longtail(x:np.ndarray, y:np.ndarray,  # the full (balanced) training se
     rng = np.random.default_rng(derive_seed(seed, 'longtail', name))
     per = [rng.permutation(np.flatnonzero(y == c)) for c in classes]
     small = min(len(p) for p in per)
-    if small <= n_val: raise InputError(f"{name}: a class has only {small} images; need more than n_val={n_val}")
+    if small <= n_val: raise InputError(f"{name}: a class has only {small} images; need more than --n-val {n_val}")
     counts = longtail_counts(n_max or small - n_val, len(classes), imbalance)
     if counts[0] > small - n_val: raise ConfigError(f"n_max={n_max}: a class has only {small - n_val} images left")
     val = np.concatenate([p[:n_val] for p in per])
     train = np.concatenate([p[n_val:n_val + n] for p, n in zip(per, counts)])
+    ids = np.arange(len(y)).tolist() if ids is None else list(ids)
+    test_ids = np.arange(len(y_test)).tolist() if test_ids is None else list(test_ids)
     return LongTailData(x[train], y[train].astype(np.int64), x[val], y[val].astype(np.int64), x_test,
-                        np.asarray(y_test, dtype=np.int64), counts, f'{name}-LT{imbalance:g}')
+                        np.asarray(y_test, dtype=np.int64), counts, f'{name}-LT{imbalance:g}',
+                        [ids[i] for i in train], [ids[i] for i in val], test_ids)
 
 # %% ../../nbs/35_longtail.ipynb
+@dataclass
+class SourceImages:
+    "A balanced labelled image source: training and test images (N, C, H, W), labels and ids, class names."
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: list[str]
+    train_ids: list
+    test_ids: list
+    fingerprint: str          # of the source files (or of the generator's parameters)
+    source: str               # what the data is, for the run record
+
 def _unpickle(path:Path)->dict:
     if not path.exists(): raise InputError(f"{path}: file not found (expected the CIFAR-100 python pickle)")
     try:
@@ -96,8 +126,8 @@ def _unpickle(path:Path)->dict:
     except Exception as e: raise InputError(f"{path}: not a CIFAR python pickle ({e})") from None
 
 def load_cifar100(root:str|Path, # folder holding `train` and `test` (or its parent holding `cifar-100-python/`)
-                 )->tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]: # uint8 (N, 3, 32, 32) images, int64 labels
-    "CIFAR-100 from the python pickles: (x_train, y_train, x_test, y_test)."
+                 )->SourceImages: # uint8 (N, 3, 32, 32) images, int64 labels
+    "CIFAR-100 from the python pickles."
     root = Path(root)
     if (root/'cifar-100-python').is_dir(): root = root/'cifar-100-python'
     out = []
@@ -108,41 +138,51 @@ def load_cifar100(root:str|Path, # folder holding `train` and `test` (or its par
             raise InputError(f"{root/split}: expected keys 'data' and 'fine_labels', found {sorted(d)[:6]}")
         x = np.asarray(d['data'], dtype=np.uint8)
         if x.ndim != 2 or x.shape[1] != 3072: raise InputError(f"{root/split}: 'data' has shape {x.shape}, expected (N, 3072)")
-        out += [x.reshape(-1, 3, 32, 32), np.asarray(d['fine_labels'], dtype=np.int64)]
-    return tuple(out)
+        y = np.asarray(d['fine_labels'], dtype=np.int64)
+        if len(y) != len(x): raise InputError(f"{root/split}: {len(x)} images but {len(y)} fine_labels")
+        out += [x.reshape(-1, 3, 32, 32), y]
+    fp = fingerprint_files([root/'train', root/'test'], root)
+    return SourceImages(*out, [str(c) for c in range(100)], list(range(len(out[1]))), list(range(len(out[3]))), fp, str(root.resolve()))
 
-def _read_split(d:Path, classes:list[str], size:int, grey:bool):
-    from PIL import Image
-    xs, ys = [], []
+def _list_split(d:Path, classes:list[str])->list[tuple[Path, int]]:
+    "(image file, class index) of every image of `d/<class>/`."
+    files = []
     for c, name in enumerate(classes):
-        files = sorted(p for p in (d/name).iterdir() if p.suffix.lower() in IMAGE_EXTS) if (d/name).is_dir() else []
-        if not files: raise InputError(f"{d/name}: no images of class {name!r}")
-        for p in files:
-            try:
-                with Image.open(p) as im: a = np.asarray(im.convert('L' if grey else 'RGB').resize((size, size), Image.BILINEAR))
-            except Exception as e: raise InputError(f"{p}: cannot read the image ({e})") from None
-            xs.append(a[None] if grey else a.transpose(2, 0, 1)); ys.append(c)
-    return np.stack(xs).astype(np.uint8), np.asarray(ys, dtype=np.int64)
+        fs = sorted(p for p in (d/name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if (d/name).is_dir() else []
+        if not fs: raise InputError(f"{d/name}: no images of class {name!r}")
+        files += [(p, c) for p in fs]
+    return files
 
 def load_image_folder(root:str|Path,  # holds train/<class>/* and test/<class>/*
                       size:int=32,    # images are resized to size × size
                       grey:bool=False,
-                     )->tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    "An image-folder dataset: (x_train, y_train, x_test, y_test, class names), uint8 (N, C, size, size)."
+                     )->SourceImages:  # uint8 (N, C, size, size) images, ids = file paths relative to `root`
+    "An image-folder dataset, every image read (and checked) through `medssm.data.read_image`."
     root = Path(root)
     for s in ('train', 'test'):
         if not (root/s).is_dir(): raise InputError(f"{root/s}: folder not found (expected {root}/train/<class>/ and {root}/test/<class>/)")
     classes = sorted(p.name for p in (root/'train').iterdir() if p.is_dir())
     if len(classes) < 2: raise InputError(f"{root/'train'}: expected one sub-folder per class, found {len(classes)}")
-    return (*_read_split(root/'train', classes, size, grey), *_read_split(root/'test', classes, size, grey), classes)
+    tr, te = _list_split(root/'train', classes), _list_split(root/'test', classes)
+    imgs = {}
+    check_all([p for p, _ in tr + te], lambda p: imgs.__setitem__(p, read_resized(p, size, grey)), f'images of {root}')
+    def arrays(files):
+        x = torch.stack([imgs[p] for p, _ in files]).mul(255).round().to(torch.uint8).numpy()   # (N, C, size, size)
+        return x, np.asarray([c for _, c in files], dtype=np.int64), [str(p.relative_to(root)) for p, _ in files]
+    (xtr, ytr, itr), (xte, yte, ite) = arrays(tr), arrays(te)
+    fp = fingerprint_files([p for p, _ in tr + te], root)
+    return SourceImages(xtr, ytr, xte, yte, classes, itr, ite, fp, str(root.resolve()))
 
-def load_digits_pool(test_per_class:int=40, seed:int=0)->tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    "scikit-learn digits as (x_pool, y_pool, x_test, y_test), float32 (N, 1, 8, 8) in [0, 1], balanced test set."
+def load_digits_pool(test_per_class:int=40, seed:int=0)->SourceImages:
+    "scikit-learn digits, float32 (N, 1, 8, 8) in [0, 1], with a balanced test set; ids = rows of `load_digits`."
+    if test_per_class < 1: raise ConfigError(f"--test-per-class {test_per_class}: expected ≥ 1")
     X, Y = load_digits_arrays()
     rng = np.random.default_rng(derive_seed(seed, 'digits-test'))
     test = np.concatenate([rng.permutation(np.flatnonzero(Y == c))[:test_per_class] for c in range(10)])
     pool = np.setdiff1d(np.arange(len(Y)), test)
-    return X[pool, None], Y[pool], X[test, None], Y[test]
+    fp = stable_hash({'source': 'sklearn digits', 'test_per_class': test_per_class, 'seed': seed})
+    return SourceImages(X[pool, None], Y[pool], X[test, None], Y[test], [str(c) for c in range(10)], pool.tolist(), test.tolist(),
+                        fp, 'sklearn digits (embedded)')
 
 # %% ../../nbs/35_longtail.ipynb
 class ImageArrayDataset(Dataset):
@@ -185,6 +225,7 @@ def class_balanced_weights(counts:np.ndarray,   # (C,) training images per class
 
 # %% ../../nbs/35_longtail.ipynb
 class BasicBlock(nn.Module):
+    "Two 3×3 convs with BatchNorm and a parameter-free shortcut (option A)."
     def __init__(self, cin:int, cout:int, stride:int=1):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False); self.bn1 = nn.BatchNorm2d(cout)
@@ -197,8 +238,16 @@ class BasicBlock(nn.Module):
         h = F.relu(self.bn1(self.conv1(x)))                    # (B, cout, H/s, W/s)
         return F.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
 
+@MODELS.register('resnet8', depth=8)
+@MODELS.register('resnet20', depth=20)
+@MODELS.register('resnet32', depth=32)
 class CifarResNet(nn.Module):
-    def __init__(self, depth:int=32, n_classes:int=100, in_channels:int=3, width:int=16):
+    "He et al.'s CIFAR ResNet of depth 6n + 2."
+    def __init__(self, depth:int=32,         # 6n + 2 (8, 20, 32, 44, 56, 110)
+                 n_classes:int=100,          # outputs
+                 in_channels:int=3,          # image channels
+                 width:int=16,               # channels of the first stage (then 2×, 4×)
+                ):
         super().__init__()
         if (depth - 2) % 6: raise ConfigError(f"CifarResNet: depth={depth} must be 6n + 2 (8, 20, 32, 44, 56, 110)")
         n = (depth - 2) // 6
@@ -215,12 +264,6 @@ class CifarResNet(nn.Module):
         h = self.blocks(self.stem(x))                          # (B, 4·width, H/4, W/4)
         return self.fc(h.mean((-2, -1)))                       # (B, n_classes)
 
-LT_MODELS = {'resnet32': dict(depth=32), 'resnet20': dict(depth=20), 'resnet8': dict(depth=8)}
-
-def create_lt_model(name:str, n_classes:int, in_channels:int=3, **kw)->nn.Module:
-    "A model of `LT_MODELS` by name."
-    if name not in LT_MODELS: raise ConfigError(f"model {name!r}: expected one of {sorted(LT_MODELS)}")
-    return CifarResNet(n_classes=n_classes, in_channels=in_channels, **{**LT_MODELS[name], **kw})
 
 # %% ../../nbs/35_longtail.ipynb
 def _fresh(buffers:dict)->dict: return {k: v.clone() for k, v in buffers.items()}
@@ -368,77 +411,106 @@ class BalancedResample(Dataset):
     def __getitem__(self, i): return self.ds[int(self.index[i])]
 
 # %% ../../nbs/35_longtail.ipynb
+LT_DATASETS = ('digits', 'cifar100', 'folder')
+
+def longtail_fit_config(**changes)->FitConfig:
+    "Jamal et al.'s loop: SGD 0.1 + Nesterov momentum 0.9, wd 5e-4, batch 100, 200 epochs; the last epoch's weights."
+    d = dict(max_epochs=200, batch_size=100, lr=0.1, optimizer='sgd', momentum=0.9, nesterov=True, weight_decay=5e-4,
+             monitor='val_acc', mode='max', restore_best=False, amp=False, progress=False)
+    return FitConfig(**{**d, **changes})
+
 @dataclass
 class LongTailConfig(Config):
-    dataset:str = 'cifar100'      # 'digits' (embedded), 'cifar100' (python pickles) or 'folder' (root/train, root/test)
-    root:str = ''                 # folder of cifar100 / folder datasets
-    imbalance:float = 100.0       # IF = n_head / n_tail
-    method:str = 'lazy_two_component'  # one of LT_METHODS
-    model:str = 'resnet32'        # one of LT_MODELS
-    image_size:int = 32           # folder datasets are resized to this
-    epochs:int = 200              # total epochs
-    t1:int = 160                  # epochs of plain cross-entropy before the method's own stage (Alg. 2, line 1)
-    batch_size:int = 100
-    lr:float = 0.1
-    momentum:float = 0.9
-    nesterov:bool = True
-    weight_decay:float = 5e-4
-    milestones:list[int] = field(default_factory=lambda: [160, 180])  # learning rate × lr_decay at these epochs
-    lr_decay:float = 0.01
-    beta:float = 0.9999           # effective-number β of the class weights
-    n_val:int = 10                # balanced validation images per class
-    meta_batch:int = 100          # validation images per meta step
-    tau:float = 1.0               # ε learning rate (mean-loss convention; = 0.01 with a summed loss)
-    inner_steps:int = 5           # k student steps (section 5.2)
-    gamma_min:float = 0.75
-    gamma_max:float = 0.95
-    gamma_step:float = 0.05
-    augment:bool = True           # pad-crop + flip (CIFAR recipe)
-    test_per_class:int = 40       # digits: balanced test images per class
-    seed:int = 0
-    device:str = ''
+    dataset: Literal['digits', 'cifar100', 'folder'] = 'cifar100'  # digits (embedded), cifar100 (python pickles) or folder (root/train, root/test)
+    root: str = ''                # folder of cifar100 / folder datasets
+    imbalance: float = 100.0      # IF = n_head / n_tail (`meta longtail` sets it from --imbalance)
+    method: Literal['ce', 'cb_ce', 'cb_ft', 'l2rw', 'two_component', 'lazy_two_component'] = 'lazy_two_component'  # Table 4's method (`meta longtail` runs --methods)
+    model: str = 'resnet32'       # resnet32, resnet20 or resnet8 (from MODELS)
+    image_size: int = 32          # folder datasets are resized to this
+    t1: int = 160                 # epochs of plain cross-entropy before the method's own stage (Alg. 2, line 1)
+    milestones: list[int] = field(default_factory=lambda: [160, 180])  # epochs where the learning rate is multiplied by --lr-decay
+    lr_decay: float = 0.01        # learning-rate factor at each milestone
+    beta: float = 0.9999          # effective-number β of the class weights
+    n_val: int = 10               # balanced validation images per class
+    meta_batch: int = 100         # validation images per meta step
+    tau: float = 1.0              # ε learning rate (mean-loss convention; = 0.01 with a summed loss)
+    inner_steps: int = 5          # k student steps of the lazy teacher (section 5.2)
+    gamma_min: float = 0.75       # γ grid start
+    gamma_max: float = 0.95       # γ grid end
+    gamma_step: float = 0.05      # γ grid step
+    augment: bool = True          # pad-crop + flip (CIFAR recipe)
+    test_per_class: int = 40      # digits: balanced test images per class
+    fit: FitConfig = field(default_factory=longtail_fit_config)  # the loop (max_epochs = all epochs, t1 included)
 
     def check(self):
-        if self.method not in LT_METHODS: raise ConfigError(f"method {self.method!r}: expected one of {LT_METHODS}")
-        if self.model not in LT_MODELS: raise ConfigError(f"model {self.model!r}: expected one of {sorted(LT_MODELS)}")
-        if self.dataset not in LT_DATASETS: raise ConfigError(f"dataset {self.dataset!r}: expected one of {sorted(LT_DATASETS)}")
-        if self.dataset != 'digits' and not self.root: raise ConfigError(f"dataset {self.dataset!r} needs root=<folder>")
-        if not 0 <= self.t1 < self.epochs: raise ConfigError(f"t1={self.t1}, epochs={self.epochs}: need 0 ≤ t1 < epochs")
-        if self.inner_steps < 1: raise ConfigError(f"inner_steps={self.inner_steps}: need at least one student step")
-        if self.tau < 0 or self.lr <= 0: raise ConfigError(f"tau={self.tau}, lr={self.lr}: expected tau ≥ 0 and lr > 0")
+        "Raise a `ConfigError` naming the flag of the first unusable value; returns self."
+        super().check()
+        if self.method not in LT_METHODS: raise ConfigError(f"--method {self.method}: expected one of {', '.join(LT_METHODS)}")
+        if self.model not in MODELS.names('resnet*'): raise ConfigError(f"--model {self.model}: expected one of {', '.join(MODELS.names('resnet*'))}")
+        if self.dataset not in LT_DATASETS: raise ConfigError(f"--dataset {self.dataset}: expected one of {', '.join(LT_DATASETS)}")
+        if self.dataset != 'digits' and not self.root: raise ConfigError(f"--dataset {self.dataset} needs --root <folder>")
+        if not 0 <= self.t1 < self.fit.max_epochs:
+            raise ConfigError(f"--t1 {self.t1}: expected 0 ≤ t1 < --max-epochs ({self.fit.max_epochs})")
+        if self.imbalance < 1: raise ConfigError(f"--imbalance {self.imbalance:g}: the imbalance factor must be ≥ 1")
+        for flag, v, lo in (('--inner-steps', self.inner_steps, 1), ('--n-val', self.n_val, 1), ('--meta-batch', self.meta_batch, 1),
+                            ('--image-size', self.image_size, 8), ('--test-per-class', self.test_per_class, 1)):
+            if v < lo: raise ConfigError(f"{flag} {v}: expected ≥ {lo}")
+        if self.tau < 0: raise ConfigError(f"--tau {self.tau}: expected ≥ 0")
+        if not 0 <= self.beta < 1: raise ConfigError(f"--beta {self.beta}: expected 0 ≤ β < 1")
+        if self.lr_decay <= 0: raise ConfigError(f"--lr-decay {self.lr_decay}: expected a positive factor")
+        gamma_grid(self.gamma_min, self.gamma_max, self.gamma_step)
         return self
 
-    def gammas(self)->torch.Tensor:
-        n = int(round((self.gamma_max - self.gamma_min) / self.gamma_step)) + 1
-        return torch.linspace(self.gamma_min, self.gamma_max, n)
+    def gammas(self)->torch.Tensor: return gamma_grid(self.gamma_min, self.gamma_max, self.gamma_step)
 
-    def fit_config(self, epochs:int, stage:str)->FitConfig:
-        return FitConfig(max_epochs=epochs, batch_size=self.batch_size, lr=self.lr, optimizer='sgd', momentum=self.momentum,
-                         nesterov=self.nesterov, weight_decay=self.weight_decay, monitor='val_acc', mode='max',
-                         seed=derive_seed(self.seed, stage), device=self.device, progress=False, restore_best=False, amp=False)
-
-def quick_longtail_config(**kw)->LongTailConfig:
+def quick_longtail_config(**changes)->LongTailConfig:
     "Test sizes: digits, ResNet-8, 6 epochs (4 plain), batch 64, 2 student steps; lr ×0.1 at t1 and half-way after it."
-    d = dict(dataset='digits', model='resnet8', epochs=6, t1=4, lr_decay=0.1, batch_size=64,
-             meta_batch=50, inner_steps=2, augment=False, imbalance=20.0)
-    d.update(kw)
-    if 'milestones' not in kw:      # as in the recipe, the weighting stage starts when the learning rate drops
-        e, t1 = d['epochs'], d['t1']
+    d = dict(dataset='digits', model='resnet8', max_epochs=6, t1=4, lr_decay=0.1, batch_size=64, meta_batch=50,
+             inner_steps=2, augment=False, imbalance=20.0)
+    d.update(changes)
+    if 'milestones' not in changes:      # as in the recipe, the weighting stage starts when the learning rate drops
+        e, t1 = d['max_epochs'], d['t1']
         d['milestones'] = [t1] + ([t1 + (e - t1) // 2] if e - t1 >= 2 else [])
-    return LongTailConfig(**d)
+    return LongTailConfig().replace(d)
 
-LT_DATASETS = {
-    'digits': lambda c: load_digits_pool(c.test_per_class, c.seed),
-    'cifar100': lambda c: load_cifar100(c.root),
-    'folder': lambda c: load_image_folder(c.root, c.image_size)[:4],
-}
+# %% ../../nbs/35_longtail.ipynb
+LT_PARAMS = ('dataset', 'root', 'imbalance', 'n_val', 'seed', 'test_per_class', 'image_size')
 
-def load_longtail(cfg:LongTailConfig)->LongTailData:
-    "The long-tailed split `cfg` describes."
-    cfg.check()
-    x, y, xt, yt = LT_DATASETS[cfg.dataset](cfg)
-    return make_longtail(x, y, xt, yt, cfg.imbalance, cfg.n_val, cfg.seed, cfg.dataset)
+def _source(dataset:str, root:str, seed:int, test_per_class:int, image_size:int)->SourceImages:
+    if dataset == 'digits': return load_digits_pool(test_per_class, seed)
+    if dataset == 'cifar100': return load_cifar100(root)
+    if dataset == 'folder': return load_image_folder(root, image_size)
+    raise ConfigError(f"--dataset {dataset}: expected one of {', '.join(LT_DATASETS)}")
 
+def load_longtail(cfg:LongTailConfig|None=None, # the config (or the parameters of `LT_PARAMS` as keywords)
+                  **params)->LongTailData:
+    "The long-tailed split `cfg` describes, with its data record."
+    if cfg is not None:
+        cfg.check()
+        params = dict(dataset=cfg.dataset, root=str(Path(cfg.root).resolve()) if cfg.root else '', imbalance=cfg.imbalance,
+                      n_val=cfg.n_val, seed=cfg.fit.seed, test_per_class=cfg.test_per_class, image_size=cfg.image_size)
+    src = _source(params['dataset'], params['root'], params['seed'], params['test_per_class'], params['image_size'])
+    data = make_longtail(src.x_train, src.y_train, src.x_test, src.y_test, params['imbalance'], params['n_val'], params['seed'],
+                         params['dataset'], ids=src.train_ids, test_ids=src.test_ids)
+    data.record = data_record(src.source, src.fingerprint, **{k: params[k] for k in LT_PARAMS})
+    return data
+
+def load_longtail_record(record:dict)->LongTailData:
+    "Rebuild a run's long-tailed split from its stored data record (source fingerprint computed afresh)."
+    missing = [k for k in LT_PARAMS if k not in (record or {})]
+    if missing: raise InputError(f"data record: missing {missing}; expected the record of a long-tail run")
+    return load_longtail(**{k: record[k] for k in LT_PARAMS})
+
+def build_lt_model(cfg:LongTailConfig, data:LongTailData|None=None)->nn.Module:
+    "The config's ResNet (seeded) for the data's classes and channels (from the dataset's kind when `data` is None)."
+    if data is not None: n, ch = data.n_classes, data.x_train.shape[1]
+    elif cfg.dataset == 'digits': n, ch = 10, 1
+    elif cfg.dataset == 'cifar100': n, ch = 100, 3
+    else: n, ch = len([p for p in (Path(cfg.root)/'train').iterdir() if p.is_dir()]), 3
+    seed_everything(derive_seed(cfg.fit.seed, 'model'))
+    return MODELS.create(cfg.model, n_classes=n, in_channels=ch)
+
+# %% ../../nbs/35_longtail.ipynb
 def _datasets(data:LongTailData, cfg:LongTailConfig):
     m, s = channel_stats(data.x_train)
     mk = lambda x, y, aug=False: ImageArrayDataset(x, y, m, s, augment=aug and cfg.augment)
@@ -447,55 +519,91 @@ def _datasets(data:LongTailData, cfg:LongTailConfig):
 def _stack(ds:Dataset)->tuple[torch.Tensor, torch.Tensor]:
     xs, ys = zip(*(ds[i] for i in range(len(ds)))); return torch.stack(xs), torch.stack(ys)
 
-def _model(cfg, data):
-    seed_everything(derive_seed(cfg.seed, 'model'))
-    return create_lt_model(cfg.model, data.n_classes, data.x_train.shape[1])
+def stage1_config(cfg:LongTailConfig)->LongTailConfig:
+    "The shared plain stage as a run of its own: cross-entropy for t1 epochs with the same recipe."
+    return cfg.replace(method='ce', t1=0, max_epochs=cfg.t1)
 
-def train_stage1(cfg:LongTailConfig, data:LongTailData, run:RunDir|None=None)->nn.Module:
-    "Plain cross-entropy for t1 epochs (Alg. 2, line 1): the start of every method's second stage."
-    model = _model(cfg, data)
-    if cfg.t1 == 0: return model
-    tr, va, _ = _datasets(data, cfg)
-    step = LongTailStep('ce', class_balanced_weights(data.counts, cfg.beta), _stack(va))
-    return fit(model, tr, va, config=cfg.fit_config(cfg.t1, 'stage1'), step=step, metrics={'acc': accuracy}, run=run,
-               callbacks=[LRSchedule(cfg.lr, cfg.milestones, cfg.lr_decay, 0, step)]).model
+def longtail_test(model:nn.Module, data:LongTailData, cfg:LongTailConfig)->dict:
+    "Top-1 test error (%) and loss on the balanced test set (what `test_metrics.json` of a long-tail run holds)."
+    _, _, te = _datasets(data, cfg)
+    ev = evaluate(model, te, step=classification_step, metrics={'acc': accuracy}, batch_size=256,
+                  device=next(model.parameters()).device)
+    return dict(test_error=100 * (1 - ev['acc']), test_loss=ev['loss'], n_test=len(te))
 
-def train_longtail(cfg:LongTailConfig, data:LongTailData|None=None, start:dict|None=None, # stage-1 state_dict
-                   run:RunDir|str|Path|None=None)->dict:
-    "Train one method (stage 1 unless `start` is given, then the method's stage) and score it on the test set."
+def train_stage(cfg:LongTailConfig, data:LongTailData,
+                start:dict|None=None,        # weights to start from (the plain stage's); None = a fresh model
+                run:Run|str|Path|None=None,  # run folder (kind 'longtail'), resumed when it holds this run
+                command:str|None=None)->dict:
+    "Epochs t1 … max_epochs of `cfg.method` with the shared loop; the final weights scored on the test set."
+    own = isinstance(run, (str, Path))
+    if own: run = Run.start(run, cfg, kind='longtail', data=data.record, split=data.split(), command=command)
+    try:
+        model = build_lt_model(cfg, data)
+        if start is not None: model.load_state_dict(start)
+        tr, va, _ = _datasets(data, cfg)
+        if cfg.method == 'cb_ft': tr = BalancedResample(tr, data.y_train, cfg.fit.seed)
+        step = LongTailStep(cfg.method, class_balanced_weights(data.counts, cfg.beta), _stack(va), cfg.fit.lr, cfg.tau,
+                            cfg.meta_batch, cfg.inner_steps, cfg.gammas(), cfg.fit.seed)
+        stage = cfg.method if cfg.t1 else 'stage1'           # a run from scratch is seeded as the recipe's plain stage
+        loop = cfg.fit.replace(max_epochs=cfg.fit.max_epochs - cfg.t1, seed=derive_seed(cfg.fit.seed, stage))
+        res = fit(model, tr, va, config=loop, step=step, metrics={'acc': accuracy}, run=run,
+                  callbacks=[LRSchedule(cfg.fit.lr, cfg.milestones, cfg.lr_decay, cfg.t1, step)])
+        test = longtail_test(res.model, data, cfg)
+        if run is not None: run.save_test_metrics(test)
+        return dict(model=res.model, history=res.history, **test)
+    finally:
+        if own: run.release()
+
+def train_longtail(cfg:LongTailConfig, data:LongTailData|None=None,
+                   start:dict|None=None,       # stage-1 weights (trained here when None and t1 > 0)
+                   out:str|Path|None=None,     # parent of the run folders `stage1/` and `<method>/`
+                   command:str|None=None)->dict:
+    "Train one method (the plain stage unless `start` is given, then the method's stage) and score it on the test set."
     cfg.check(); data = data or load_longtail(cfg)
-    run = RunDir(run, root=None) if isinstance(run, (str, Path)) else run
-    sub = lambda n: RunDir(n, root=run.path) if run is not None else None
-    if start is None: start = train_stage1(cfg, data, sub('stage1')).state_dict()
-    model = _model(cfg, data); model.load_state_dict(start)
-    tr, va, te = _datasets(data, cfg)
-    if cfg.method == 'cb_ft': tr = BalancedResample(tr, data.y_train, cfg.seed)
-    step = LongTailStep(cfg.method, class_balanced_weights(data.counts, cfg.beta), _stack(va), cfg.lr, cfg.tau,
-                        cfg.meta_batch, cfg.inner_steps, cfg.gammas(), cfg.seed)
-    res = fit(model, tr, va, config=cfg.fit_config(cfg.epochs - cfg.t1, cfg.method), step=step, metrics={'acc': accuracy},
-              run=sub(cfg.method), callbacks=[LRSchedule(cfg.lr, cfg.milestones, cfg.lr_decay, cfg.t1, step)])
-    ev = evaluate(res.model, te, step=step, metrics={'acc': accuracy}, batch_size=256, device=cfg.device or None)
-    return dict(method=cfg.method, imbalance=cfg.imbalance, test_error=100 * (1 - ev['acc']), test_loss=ev['loss'],
-                n_train=len(data.y_train), history=res.history, model=res.model)
+    out = Path(out) if out else None
+    if start is None and cfg.t1 > 0:
+        start = train_stage(stage1_config(cfg), data, None, out/'stage1' if out else None, command)['model'].state_dict()
+    r = train_stage(cfg, data, start, out/cfg.method if out else None, command)
+    return dict(method=cfg.method, imbalance=cfg.imbalance, n_train=len(data.y_train), **r)
 
 def run_table4(cfg:LongTailConfig, imbalances=(200, 100, 50, 20), methods=LT_METHODS,
-               out:str|Path|None=None)->pd.DataFrame:
+               out:str|Path|None=None, # parent of one folder per imbalance factor (`if100/stage1`, `if100/ce`, …) and the tables
+               command:str|None=None)->pd.DataFrame:
     "Top-1 test error (%) per method (rows) and imbalance factor (columns), Table 4's layout."
+    bad = [m for m in methods if m not in LT_METHODS]
+    if bad: raise ConfigError(f"--methods {' '.join(bad)}: expected some of {', '.join(LT_METHODS)}")
+    cfgs = {imb: cfg.replace(imbalance=float(imb)).check() for imb in imbalances}
+    datas = {imb: load_longtail(c) for imb, c in cfgs.items()}      # every split is cut (and every file read) first
     rows = []
-    for imb in imbalances:
-        c = cfg.replace(imbalance=float(imb)); data = load_longtail(c)
-        base = RunDir(f'if{imb:g}', root=out) if out else None
-        start = train_stage1(c, data, RunDir('stage1', root=base.path) if base else None).state_dict()
+    for imb, c in cfgs.items():
+        base = Path(out)/f'if{imb:g}' if out else None
+        start = None
+        if c.t1 > 0: start = train_stage(stage1_config(c), datas[imb], None, base/'stage1' if base else None, command)['model'].state_dict()
         for m in methods:
-            r = train_longtail(c.replace(method=m), data, start, run=base)
+            r = train_longtail(c.replace(method=m), datas[imb], start, base, command)
             rows.append(dict(method=m, imbalance=imb, test_error=r['test_error'],
-                             gamma=r['history'][-1].get('mean_gamma', float('nan'))))
+                             gamma=r['history'][-1].get('mean_gamma', float('nan')) if r['history'] else float('nan')))
     long = pd.DataFrame(rows)
     table = long.pivot(index='method', columns='imbalance', values='test_error').reindex(list(methods))
     table = table[list(imbalances)]; table.columns = [f'IF {c:g}' for c in table.columns]
     table = table.reset_index()
     if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
         with atomic_write(Path(out)/'table4.csv') as f: table.to_csv(f, index=False)
         with atomic_write(Path(out)/'table4_long.csv') as f: long.to_csv(f, index=False)
     return table
+
+register_run_kind('longtail', LongTailConfig, build_lt_model, load_longtail_record)
+
+def evaluate_longtail_run(path:str|Path,  # a run folder of kind 'longtail'
+                          root:str='',    # evaluate on the dataset at this folder instead of the run's
+                          device:str='',  # '' = the run's device setting
+                         )->dict:
+    "The test error of a long-tail run rebuilt from its folder (its final weights, its own split): `test_metrics.json`."
+    cfg = Run(path).load_config(LongTailConfig)
+    lr = load_run(path, which='best' if cfg.fit.restore_best else 'last', device=get_device(device or cfg.fit.device or None))
+    if root:
+        data = load_longtail(cfg.replace(root=root))
+        _log.warning('%s: evaluating on %s instead of the run\'s data (%s)', path, root, lr.data.get('source'))
+    else: data = lr.dataset()
+    _log.info('%s: %s run, on the balanced test set of %s (%d images)', path, cfg.method, data.record.get('source'), len(data.y_test))
+    return longtail_test(lr.model, data, lr.config)

@@ -5,18 +5,23 @@
 # %% ../../nbs/12_mil_data.ipynb 2
 from __future__ import annotations
 import math
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
-from ..core import Config, InputError, ConfigError, derive_seed, atomic_write
+from ..core import Config, InputError, ConfigError, atomic_write, bad_value, derive_seed, stable_hash
+from ..data import check_all
 from ..metrics import make_folds, Fold
+from ..runs import data_record, fingerprint_files
+from ..weights import load_checkpoint
 
 # %% auto 0
 __all__ = ['SPLIT_PARTS', 'check_bag', 'read_bag', 'find_feature_file', 'read_slide_table', 'BagDataset', 'read_split_csv',
-           'write_split_csv', 'make_slide_folds', 'DigitBagsConfig', 'digit_embedding', 'DigitBags']
+           'write_split_csv', 'make_slide_folds', 'DigitBagsConfig', 'digit_embedding', 'DigitBags', 'open_slides',
+           'load_bags', 'BagSource', 'fold_slide_ids', 'fold_from_slide_ids', 'slide_folds', 'train_split']
 
 # %% ../../nbs/12_mil_data.ipynb
 def _row_major(coords:np.ndarray)->np.ndarray:
@@ -28,7 +33,7 @@ def check_bag(feats:np.ndarray, name:str, in_dim:int|None=None)->np.ndarray:
     if feats.ndim != 2: raise InputError(f"{name}: features must be a 2-D (N, D) array, got shape {feats.shape}")
     if feats.shape[0] == 0: raise InputError(f"{name}: the bag is empty (0 patches)")
     if in_dim is not None and feats.shape[1] != in_dim:
-        raise InputError(f"{name}: features have dimension {feats.shape[1]}, expected {in_dim}")
+        raise InputError(f"{name}: features have dimension {feats.shape[1]}, expected {in_dim} (in_dim, --in-dim)")
     bad = ~np.isfinite(feats)
     if bad.any():
         raise InputError(f"{name}: {int(bad.any(1).sum())} patch(es) have NaN/inf features (first at row {int(np.argmax(bad.any(1)))})")
@@ -50,7 +55,7 @@ def read_bag(path:str|Path,          # a `.h5` (CLAM) or `.pt` feature file
                 feats = np.asarray(f['features'][:], dtype=np.float32)
                 if 'coords' in f: coords = np.asarray(f['coords'][:])
         elif path.suffix == '.pt':
-            obj = torch.load(path, map_location='cpu', weights_only=True)
+            obj = load_checkpoint(path)
             if isinstance(obj, dict):
                 if 'features' not in obj: raise InputError(f"{path}: a dict without a 'features' entry")
                 coords = np.asarray(obj['coords']) if 'coords' in obj else None
@@ -78,10 +83,15 @@ def find_feature_file(features_dir:str|Path, slide_id:str)->Path:
     raise InputError(f"slide {slide_id!r}: no feature file {slide_id}.h5/.pt in {d} (or its h5_files/, pt_files/)")
 
 def _bag_length(path:Path)->int:
-    if path.suffix == '.h5':
-        import h5py
-        with h5py.File(path, 'r') as f: return int(f['features'].shape[0])
-    return int(read_bag(path, sort=False)[0].shape[0])
+    "Patches in a feature file (its first dimension; `read_bag` checks the contents)."
+    try:
+        if path.suffix == '.h5':
+            import h5py
+            with h5py.File(path, 'r') as f: return int(f['features'].shape[0])
+        obj = load_checkpoint(path)
+        return int(torch.as_tensor(obj.get('features') if isinstance(obj, dict) else obj).shape[0])
+    except InputError: raise
+    except Exception as e: raise InputError(f"{path}: cannot read the feature file ({type(e).__name__}: {e})") from None
 
 def read_slide_table(csv:str|Path,                 # CSV with slide_id, label[, length]
                      features_dir:str|Path,        # folder of feature files
@@ -100,8 +110,15 @@ def read_slide_table(csv:str|Path,                 # CSV with slide_id, label[, 
     for sid, n in zip(df.slide_id, names):
         if n not in classes: raise InputError(f"{csv}: slide {sid!r} has label {n!r}, not one of the classes {classes}")
     out = pd.DataFrame({'slide_id': df.slide_id, 'label': [classes.index(n) for n in names], 'label_name': names})
-    out['path'] = [find_feature_file(features_dir, s) for s in out.slide_id]
-    out['length'] = df['length'].astype(int) if 'length' in df else [_bag_length(p) for p in out.path]
+    if not Path(features_dir).is_dir(): raise InputError(f"{features_dir}: feature folder not found")
+    paths = {}
+    check_all(out.slide_id, lambda s: paths.__setitem__(s, find_feature_file(features_dir, s)), 'slides')
+    out['path'] = [paths[s] for s in out.slide_id]
+    if 'length' in df: out['length'] = df['length'].astype(int)
+    else:
+        lengths = {}
+        check_all(out.path, lambda p: lengths.__setitem__(p, _bag_length(p)), 'feature files')
+        out['length'] = [lengths[p] for p in out.path]
     out.attrs['classes'] = classes
     return out
 
@@ -120,10 +137,43 @@ class BagDataset(Dataset):
         self.in_dim, self.patch_labels = in_dim, patch_labels
         self.lengths = (np.asarray(lengths) if lengths is not None else
                         np.array([len(b) if not isinstance(b, (str, Path)) else _bag_length(Path(b)) for b in self.bags]))
+        if len(set(self.slide_ids)) != len(self.slide_ids): raise InputError("slide ids must be unique")
+        self._record = None
+
+    @property
+    def record(self)->dict|None:
+        "The data record a run stores (in-memory arrays: fingerprinted by their bytes on first use)."
+        if self._record is None and not any(isinstance(b, (str, Path)) for b in self.bags):
+            self._record = data_record('arrays', self._arrays_fingerprint())
+        return self._record
+    @record.setter
+    def record(self, r:dict|None): self._record = r
+
+    def _arrays_fingerprint(self)->str:
+        h = hashlib.sha256()
+        for sid, b in zip(self.slide_ids, self.bags):
+            a = np.ascontiguousarray(b); h.update(f'{sid}{a.shape}{a.dtype}'.encode()); h.update(a.tobytes())
+        h.update(self.labels.tobytes())
+        return h.hexdigest()[:16]
+
+    @property
+    def fingerprint(self)->str|None: return (self.record or {}).get('fingerprint')
 
     @classmethod
     def from_table(cls, table:pd.DataFrame, in_dim:int|None=None, patch_labels=None):
         return cls(list(table.path), table.label.values, list(table.slide_id), in_dim, patch_labels, table.length.values)
+
+    def check_item(self, i:int):
+        "Read bag `i` and check it (and its patch labels); raises an `InputError` naming the slide."
+        x = self.features(i)
+        if self.patch_labels is not None and len(self.patch_labels[i]) != len(x):
+            raise InputError(f"slide {self.slide_ids[i]!r}: {len(self.patch_labels[i])} patch labels for {len(x)} patches")
+
+    def validate(self, idx=None)->int:
+        "Check every bag (or those at `idx`); one `InputError` lists all failures. Returns the number checked."
+        idx = range(len(self)) if idx is None else idx
+        pos = {s: i for i, s in enumerate(self.slide_ids)}
+        return check_all([self.slide_ids[i] for i in idx], lambda s: self.check_item(pos[s]), 'bags')
 
     def __len__(self): return len(self.bags)
     def features(self, i:int)->np.ndarray:
@@ -137,6 +187,7 @@ class BagDataset(Dataset):
         if len(pl) != len(x): raise InputError(f"slide {self.slide_ids[i]!r}: {len(pl)} patch labels for {len(x)} patches")
         return x, y, pl
     def subset(self, idx):
+        "The bags at `idx` (a new dataset; its record describes those bags only)."
         idx = np.asarray(idx, dtype=int)
         return BagDataset([self.bags[i] for i in idx], self.labels[idx], [self.slide_ids[i] for i in idx], self.in_dim,
                           None if self.patch_labels is None else [self.patch_labels[i] for i in idx], self.lengths[idx])
@@ -174,6 +225,7 @@ def make_slide_folds(labels, n_splits:int=5, seed:int=0, test_idx=None, val_frac
 # %% ../../nbs/12_mil_data.ipynb
 @dataclass
 class DigitBagsConfig(Config):
+    "How digit bags are generated; the whole config is their data record (its hash their fingerprint)."
     n_bags: int = 100            # bags in the dataset
     min_len: int = 50            # shortest bag
     max_len: int = 500           # longest bag (tens of thousands work)
@@ -184,6 +236,19 @@ class DigitBagsConfig(Config):
     first: int = 0               # long-range variant: the digit that must come first
     in_dim: int = 1024           # embedding dimension of an instance
     seed: int = 0                # bag sampling seed
+
+    def check(self):
+        "A `ConfigError` naming the first unusable value."
+        if self.n_bags < 2: raise bad_value('n_bags', self.n_bags, '≥ 2 bags')
+        if not 1 <= self.min_len <= self.max_len: raise bad_value('min_len', self.min_len, f'1 ≤ --min-len ≤ --max-len ({self.max_len})')
+        if self.long_range and self.min_len < 8: raise bad_value('min_len', self.min_len, '≥ 8 for long-range bags')
+        if not 0 < self.witness_rate <= 1: raise bad_value('witness_rate', self.witness_rate, 'a share in (0, 1]')
+        if not 0 < self.positive_fraction < 1: raise bad_value('positive_fraction', self.positive_fraction, 'a share in (0, 1)')
+        for name in ('target', 'first'):
+            if not 0 <= getattr(self, name) <= 9: raise bad_value(name, getattr(self, name), 'a digit 0–9')
+        if self.long_range and self.first == self.target: raise bad_value('first', self.first, 'a digit other than target')
+        if self.in_dim < 1: raise bad_value('in_dim', self.in_dim, 'a feature dimension ≥ 1')
+        return self
 
 def digit_embedding(in_dim:int=1024)->np.ndarray:
     "(1797, in_dim) float32 embedding of every scikit-learn digit: a fixed random ReLU map of the pixels."
@@ -201,10 +266,7 @@ def _digit_targets():
 class DigitBags(BagDataset):
     "Bags of real 8×8 digits (see `DigitBagsConfig`), with per-instance labels (witness or not) for multitask."
     def __init__(self, cfg:DigitBagsConfig=None, **kw):
-        cfg = (cfg or DigitBagsConfig()).replace(**kw) if kw else (cfg or DigitBagsConfig())
-        if not 1 <= cfg.min_len <= cfg.max_len: raise ConfigError(f"need 1 ≤ min_len ≤ max_len, got {cfg.min_len}, {cfg.max_len}")
-        if cfg.long_range and cfg.min_len < 8: raise ConfigError("long_range bags need min_len ≥ 8")
-        if not 0 < cfg.witness_rate <= 1: raise ConfigError(f"witness_rate must be in (0, 1], got {cfg.witness_rate}")
+        cfg = ((cfg or DigitBagsConfig()).replace(**kw) if kw else (cfg or DigitBagsConfig())).check()
         self.cfg = cfg
         digits = _digit_targets()
         pools = {d: np.flatnonzero(digits == d) for d in range(10)}
@@ -218,6 +280,7 @@ class DigitBags(BagDataset):
         super().__init__(idx, labels, [f'digits_{i}' for i in range(cfg.n_bags)], cfg.in_dim,
                          patch_labels=[(digits[i] == cfg.target).astype(np.int64) for i in idx],
                          lengths=[len(i) for i in idx])
+        self.record = data_record('digit_bags', stable_hash(cfg.to_dict()), config=cfg.to_dict())
 
     def _bag(self, rng, y, pools, others):
         c = self.cfg
@@ -238,7 +301,104 @@ class DigitBags(BagDataset):
         return bag
 
     def features(self, i:int)->np.ndarray: return self.emb[self.bags[i]]    # (L, in_dim)
+    def validate(self, idx=None)->int: return len(self) if idx is None else len(idx)   # generated: valid by construction
     def subset(self, idx):
         sub = super().subset(idx)
         sub.__class__ = DigitBags; sub.cfg, sub.emb, sub.digit = self.cfg, self.emb, self.digit
         return sub
+
+# %% ../../nbs/12_mil_data.ipynb
+def open_slides(slides:str|Path,          # slide table CSV (slide_id, label[, length])
+                features:str|Path,        # folder of the feature files
+                classes:list|None=None,   # label names in class order (default: sorted)
+                in_dim:int|None=None,     # expected feature dimension
+               )->BagDataset:
+    "The slides of a table as a `BagDataset` with its data record (fingerprint of the table and every feature file)."
+    table = read_slide_table(slides, features, classes or None)
+    ds = BagDataset.from_table(table, in_dim=in_dim)
+    ds.classes = table.attrs['classes']
+    fp = stable_hash([fingerprint_files([slides]), fingerprint_files(table.path, root=features)])
+    ds.record = data_record('slides', fp, slides=str(Path(slides).resolve()), features=str(Path(features).resolve()),
+                            classes=ds.classes, in_dim=in_dim)
+    return ds
+
+def load_bags(record:dict)->BagDataset:
+    "Rebuild a dataset from the data record a run stored (digit bags or slides)."
+    src = record.get('source')
+    if src == 'digit_bags':
+        ds = DigitBags(DigitBagsConfig.from_dict(record['config'])); ds.classes = ['negative', 'positive']; return ds
+    if src == 'slides': return open_slides(record['slides'], record['features'], record.get('classes'), record.get('in_dim'))
+    raise InputError(f"data record of source {src!r} cannot be rebuilt (bags given in memory); evaluate on explicit data")
+
+@dataclass
+class BagSource(Config):
+    "Where the bags come from: a slide table with its feature folder, or generated digit bags."
+    slides: str = ''             # slide table CSV (slide_id, label[, length]); empty: digit bags
+    features: str = ''           # folder of <slide_id>.h5/.pt feature files (with --slides)
+    classes: list[str] = field(default_factory=list)  # label names in class order (default: sorted)
+    n_bags: int = 100            # digit bags: number of bags
+    min_len: int = 50            # digit bags: shortest bag
+    max_len: int = 500           # digit bags: longest bag
+    witness_rate: float = 0.02   # digit bags: share of witness instances in positive bags
+    long_range: bool = False     # digit bags: the label depends on instances far apart
+    data_seed: int = 0           # digit bags: sampling seed
+
+    def digits(self, in_dim:int=1024)->DigitBagsConfig:
+        "The digit bags' generator config (embedded to `in_dim` features)."
+        return DigitBagsConfig(n_bags=self.n_bags, min_len=self.min_len, max_len=self.max_len, witness_rate=self.witness_rate,
+                               long_range=self.long_range, in_dim=in_dim, seed=self.data_seed)
+
+    def check(self):
+        if self.slides and not self.features: raise ConfigError('--slides needs --features (the folder of feature files)')
+        if self.features and not self.slides: raise ConfigError('--features needs --slides (the slide table)')
+        if not self.slides: self.digits().check()
+        return self
+
+    def open(self, in_dim:int=1024, # feature dimension: the digit bags' embedding, or the one the slides must have
+            )->BagDataset:
+        "The dataset these options describe, with its data record."
+        self.check()
+        if self.slides: return open_slides(self.slides, self.features, self.classes, in_dim)
+        ds = DigitBags(self.digits(in_dim)); ds.classes = ['negative', 'positive']
+        return ds
+
+def fold_slide_ids(ds:BagDataset, fold:Fold)->dict[str, list[str]]:
+    "A fold as `{'train': [slide ids], 'val': [...], 'test': [...]}` (what a run folder stores)."
+    return {part: [ds.slide_ids[i] for i in getattr(fold, part)] for part in SPLIT_PARTS}
+
+def fold_from_slide_ids(ds:BagDataset, split:dict)->Fold:
+    "The indices into `ds` of a split stored as slide ids; an `InputError` names a slide `ds` does not have."
+    pos = {s: i for i, s in enumerate(ds.slide_ids)}
+    parts = {}
+    for part in SPLIT_PARTS:
+        ids = list(split.get(part) or [])
+        unknown = [s for s in ids if s not in pos]
+        if unknown: raise InputError(f"{part} slide {unknown[0]!r} of the stored split is not in the data ({len(unknown)} missing)")
+        parts[part] = np.array([pos[s] for s in ids], dtype=int)
+    return Fold(parts['train'], parts['val'], parts['test'])
+
+def slide_folds(ds:BagDataset, n_splits:int=5, seed:int=0,
+                split_csvs:list|tuple=(),   # TransMIL-format split CSVs, one per fold (instead of k-fold)
+                test_slides:str|Path='',    # a file of fixed test slide ids (CAMELYON16 mode)
+               )->list[Fold]:
+    "Folds of `ds`: from split CSVs, else seeded stratified k-fold (around fixed test slides when given)."
+    table = pd.DataFrame({'slide_id': ds.slide_ids})
+    if split_csvs: return [read_split_csv(p, table) for p in split_csvs]
+    test_idx = None
+    if test_slides:
+        path = Path(test_slides)
+        if not path.is_file(): raise InputError(f"{path}: test slide list not found")
+        ids = path.read_text().split()
+        test_idx = fold_from_slide_ids(ds, {'test': ids}).test
+    try: return make_slide_folds(ds.labels, n_splits=n_splits, seed=seed, test_idx=test_idx)
+    except ValueError as e:
+        if isinstance(e, ConfigError): raise
+        raise bad_value('folds', n_splits, f"fewer folds or more bags: the bags per class ({np.bincount(ds.labels).tolist()}) "
+                        f"are too few for {n_splits} stratified folds with a validation part") from None
+
+def train_split(ds:BagDataset, seed:int=0, split_csv:str|Path='')->Fold:
+    "The split one training run uses: a TransMIL split CSV, or fold 0 of min(5, smallest class) seeded folds."
+    if split_csv: return read_split_csv(split_csv, pd.DataFrame({'slide_id': ds.slide_ids}))
+    counts = np.bincount(ds.labels); counts = counts[counts > 0]
+    if len(counts) < 2: raise InputError(f"the data has bags of one class only ({len(ds)} bags); training needs two or more")
+    return slide_folds(ds, n_splits=int(max(2, min(5, counts.min()))), seed=seed)[0]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 import matplotlib
 import matplotlib.pyplot as plt
 import shapely
@@ -20,14 +21,14 @@ import ipywidgets as W
 
 from ..core import InputError, atomic_path, atomic_write, save_json
 from ..widgets import FigureWidget, overlay_figure
-from .wsi import (DEMO_OFFSET, DEMO_SCALE, PatchGrid, make_demo_slide, open_slide, patch_grid, patch_spec,
-                        read_thumbnail)
+from .wsi import (DEMO_OFFSET, DEMO_SCALE, PatchGrid, load_h5, make_demo_slide, open_slide, patch_grid,
+                            patch_spec, read_thumbnail)
 
 # %% auto 0
 __all__ = ['TUMOR_GROUPS', 'EXCLUDE_GROUPS', 'read_asap_xml', 'read_geojson', 'read_annotation', 'geojson_features',
            'write_geojson', 'write_asap_xml', 'annotation_fractions', 'patch_labels', 'demo_annotation',
-           'make_demo_data', 'patch_scores', 'heatmap_array', 'blend_heatmap', 'heatmap_png', 'heatmap_regions',
-           'slide_figure', 'SlideBrowser', 'HeatmapExplorer']
+           'make_demo_data', 'patch_scores', 'write_patch_scores', 'heatmap_array', 'blend_heatmap', 'heatmap_png',
+           'heatmap_regions', 'slide_heatmap', 'slide_figure', 'SlideBrowser', 'HeatmapExplorer']
 
 # %% ../../nbs/16_wsi_heatmaps.ipynb
 TUMOR_GROUPS, EXCLUDE_GROUPS = ('Tumor', 'tumor', '_0', '_1'), ('_2', 'Exclusion', 'exclusion')
@@ -192,6 +193,15 @@ def patch_scores(model:torch.nn.Module, features:np.ndarray, # (N, D) one slide'
     finally: model.train(was)
     return s.float().cpu().numpy()
 
+def write_patch_scores(model:torch.nn.Module, ds, # a `medssm.mil.data.BagDataset`
+                       out_dir:str|Path)->list[Path]:
+    "Write each slide's per-patch scores as `<out_dir>/<slide_id>.npy` (atomically); returns the paths."
+    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True); paths = []
+    for i, sid in enumerate(ds.slide_ids):
+        with atomic_write(out/f'{sid}.npy', 'wb') as f: np.save(f, patch_scores(model, ds.features(i)))
+        paths.append(out/f'{sid}.npy')
+    return paths
+
 # %% ../../nbs/16_wsi_heatmaps.ipynb
 def heatmap_array(scores:np.ndarray, coords:np.ndarray, size_level0:int,
                   shape:tuple,          # (h, w) of the thumbnail
@@ -234,6 +244,31 @@ def heatmap_regions(scores:np.ndarray, coords:np.ndarray, size_level0:int, thres
         inside = scores[sel][shapely.contains(r, centres)]
         meas.append({'max score': float(inside.max()), 'mean score': float(inside.mean()), 'patches': int(len(inside))})
     return geojson_features(MultiPolygon(regions) if regions else MultiPolygon(), name, color, meas)
+
+# %% ../../nbs/16_wsi_heatmaps.ipynb
+def slide_heatmap(slide_path:str|Path, h5_path:str|Path, scores:np.ndarray, out:str|Path,
+                  threshold:float|None=None,  # region threshold (default: the 90th percentile of the scores)
+                  annotation:str|Path|None=None, alpha:float=0.5, cmap:str='jet')->dict:
+    "Write heatmap.png, regions.geojson and scores.csv for one slide; returns their paths."
+    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    h5 = load_h5(h5_path); coords, at = h5['coords'], h5['attrs']
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if len(scores) != len(coords): raise InputError(f"{h5_path}: {len(coords)} patches but {len(scores)} scores")
+    slide = open_slide(slide_path)
+    spec = patch_spec(slide, int(at['target_patch_size']), float(at['magnification']), base_mpp=float(at['base_mpp']))
+    grid = patch_grid(slide, spec, min_tissue=0., thumb_px_per_patch=32)   # the thumbnail, 32 px per patch
+    P = int(at['patch_size'])
+    heat = heatmap_array(scores, coords, P, grid.thumbnail.shape[:2], grid.thumb_downsample)
+    thr = float(np.percentile(scores, 90)) if threshold is None else threshold
+    paths = dict(png=heatmap_png(out/'heatmap.png', grid.thumbnail, heat, alpha=alpha, cmap=cmap), geojson=out/'regions.geojson')
+    save_json(heatmap_regions(scores, coords, P, thr), paths['geojson'])
+    df = pd.DataFrame({'x': coords[:, 0], 'y': coords[:, 1], 'score': scores})
+    if annotation:
+        df['annotated_fraction'] = annotation_fractions(read_annotation(annotation), coords, P)
+        df['label'] = patch_labels(df.annotated_fraction)
+    with atomic_write(out/'scores.csv') as f: df.to_csv(f, index=False)
+    paths['csv'] = out/'scores.csv'
+    return paths
 
 # %% ../../nbs/16_wsi_heatmaps.ipynb
 def slide_figure(grid:PatchGrid, show_mask:bool=True, show_grid:bool=True, labels:np.ndarray|None=None,

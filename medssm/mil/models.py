@@ -9,42 +9,50 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from ..core import ConfigError, InputError
+import pandas as pd
+from pathlib import Path
+from ..core import ConfigError, InputError, atomic_path, bad_value
+from ..registry import Registry
+from ..train import count_params
 from .ssm import S4D
 
 # %% auto 0
-__all__ = ['MODELS', 'TORCH_MODELS', 'register_model', 'create_model', 'count_params', 'MILModel', 'SSMMIL', 'GatedAttention',
-           'CLAM', 'TransLayer', 'PPEG', 'TransMIL', 'TransformerMIL', 'LSTMMIL', 'PoolMIL', 'PooledForest']
+__all__ = ['MODELS', 'FOREST_TYPES', 'TABLE2_PARAMS', 'BENCH_MODELS', 'create_model', 'list_models', 'is_torch_model', 'MILModel',
+           'SSMMIL', 'GatedAttention', 'CLAM', 'TransLayer', 'PPEG', 'TransMIL', 'TransformerMIL', 'LSTMMIL', 'PoolMIL',
+           'PooledForest', 'param_table', 'bench_mil_forward', 'bench_mil']
 
 # %% ../../nbs/11_mil.ipynb
-MODELS = {}
+MODELS = Registry('mil model')
 
-def register_model(name:str):
-    "Decorator: register a factory `fn(n_classes, in_dim, **kw) -> model` under `name`."
-    def deco(fn):
-        MODELS[name] = fn
-        return fn
-    return deco
-
-def create_model(name:str,         # one of `MODELS` (ssm, transmil, clam_sb, clam_mb, transformer, lstm, meanpool, maxpool, ...)
+def create_model(name:str,         # a registered name: `list_models()` (ssm, transmil, clam_sb, …, meanpool_rf, maxpool_rf)
                  n_classes:int=2,  # slide classes
                  in_dim:int=1024,  # feature dimension of a patch
                  **kw):            # model options (e.g. d_state, n_layers, dropout, multitask)
     "Build a MIL model by name."
-    if name not in MODELS: raise ConfigError(f"unknown MIL model {name!r}; choose one of {sorted(MODELS)}")
-    if n_classes < 2: raise ConfigError(f"n_classes must be ≥ 2, got {n_classes}")
-    if in_dim < 1: raise ConfigError(f"in_dim must be ≥ 1, got {in_dim}")
-    return MODELS[name](n_classes=n_classes, in_dim=in_dim, **kw)
+    if n_classes < 2: raise bad_value('n_classes', n_classes, '≥ 2 classes')
+    if in_dim < 1: raise bad_value('in_dim', in_dim, 'a feature dimension ≥ 1')
+    return MODELS.create(name, n_classes=n_classes, in_dim=in_dim, **kw)
 
-def count_params(model:nn.Module)->int:
-    "Trainable parameters, as Table 2 counts them."
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def list_models(torch_only:bool=False, # only the neural models (not the random-forest baselines)
+               )->list[str]:
+    "Names of the registered MIL models."
+    return [n for n in MODELS.names() if not torch_only or is_torch_model(n)]
+
+def is_torch_model(name:str)->bool:
+    "Whether `name` builds a torch module (trained by the fit loop) rather than a random forest."
+    fn = MODELS[name].fn
+    return isinstance(fn, type) and issubclass(fn, nn.Module)
 
 class MILModel(nn.Module):
     "Base class: subclasses implement `forward_all`; `forward` returns logits, or the whole dict with `return_all`."
     def forward(self, x:torch.Tensor, label=None, return_all:bool=False):
         out = self.forward_all(x, label, scores=return_all)   # through forward, so DDP wrappers see the call
         return out if return_all else out['logits']
+
+    @property
+    def n_params(self)->int:
+        "Trainable parameters, as Table 2 counts them."
+        return count_params(self)
 
 def _check_bag(x, in_dim):
     if x.ndim != 3 or x.shape[-1] != in_dim or x.shape[1] == 0:
@@ -62,6 +70,7 @@ def _pool_contribution(h, W, cls, pooled=None):
     return torch.zeros(h.shape[:2], dtype=h.dtype, device=h.device).scatter_add_(1, idx, w)  # (B, L)
 
 # %% ../../nbs/11_mil.ipynb
+@MODELS.register('ssm', variant='d_state')
 class SSMMIL(MILModel):
     "SSM-MIL (Fillioux, Boyd et al. 2023)."
     def __init__(self, n_classes:int=2, in_dim:int=1024,
@@ -108,9 +117,6 @@ class SSMMIL(MILModel):
         elif scores:
             out['patch_scores'] = _pool_contribution(h, self.fc2.weight, self.n_classes - 1, pooled)
         return out
-
-@register_model('ssm')
-def _ssm(n_classes=2, in_dim=1024, **kw): return SSMMIL(n_classes, in_dim, **kw)
 
 # %% ../../nbs/11_mil.ipynb
 class GatedAttention(nn.Module):
@@ -167,11 +173,8 @@ class CLAM(MILModel):
         if label is not None: out['instance_loss'] = self._instance_loss(A, h, int(label))
         return out
 
-@register_model('clam_sb')
-def _clam_sb(n_classes=2, in_dim=1024, **kw): return CLAM(n_classes, in_dim, multi_branch=False, **kw)
-
-@register_model('clam_mb')
-def _clam_mb(n_classes=2, in_dim=1024, **kw): return CLAM(n_classes, in_dim, multi_branch=True, **kw)
+MODELS.register('clam_sb', multi_branch=False)(CLAM)
+MODELS.register('clam_mb', multi_branch=True)(CLAM)
 
 # %% ../../nbs/11_mil.ipynb
 from nystrom_attention import NystromAttention
@@ -202,7 +205,9 @@ class PPEG(nn.Module):
         feat = self.proj(feat) + feat + self.proj1(feat) + self.proj2(feat)
         return torch.cat([cls, feat.flatten(2).transpose(1, 2)], dim=1)               # (B, 1 + HW, C)
 
+@MODELS.register('transmil')
 class TransMIL(MILModel):
+    "TransMIL (Shao et al. 2021) with Nyström attention."
     def __init__(self, n_classes:int=2, in_dim:int=1024, dropout:float=0.1,
                  multitask:bool=False, n_patch_classes:int=2,
                  landmarks:int=256):   # Nyström landmarks (TransMIL: dim/2; fewer only to make tiny demos fast, no parameters)
@@ -232,9 +237,6 @@ class TransMIL(MILModel):
             out['patch_scores'] = out['patch_logits'].softmax(-1)[..., -1]
         return out
 
-@register_model('transmil')
-def _transmil(n_classes=2, in_dim=1024, **kw): return TransMIL(n_classes, in_dim, **kw)
-
 # %% ../../nbs/11_mil.ipynb
 def _last_logit(W):
     "Scores use the last class (the positive one in binary tasks)."
@@ -249,6 +251,7 @@ def _encoder_layer(layer:nn.TransformerEncoderLayer, x:torch.Tensor)->torch.Tens
     x = layer.norm1(x + layer.dropout1(attn.out_proj(o.transpose(1, 2).reshape(B, L, E))))
     return layer.norm2(x + layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))))
 
+@MODELS.register('transformer')
 class TransformerMIL(MILModel):
     "Transformer encoder MIL. PyTorch's own encoder materialises the L×L attention on CPUs (14 GB at L = 30000), so the "
     "same layers are run through fused attention instead (identical parameters and maths)."
@@ -269,7 +272,9 @@ class TransformerMIL(MILModel):
         h = self.encode(x)                                                  # (B, L, 256)
         return dict(logits=self.head(h.mean(1)), patch_scores=h @ _last_logit(self.head.weight))
 
+@MODELS.register('lstm')
 class LSTMMIL(MILModel):
+    "An LSTM over the patch sequence; its last hidden state is classified."
     def __init__(self, n_classes:int=2, in_dim:int=1024, dim:int=256):
         super().__init__()
         self.in_dim = in_dim
@@ -282,9 +287,10 @@ class LSTMMIL(MILModel):
         return dict(logits=self.head(h[:, -1]), patch_scores=h @ _last_logit(self.head.weight))
 
 class PoolMIL(MILModel):
+    "Mean or max pooling of the features, then a linear classifier."
     def __init__(self, n_classes:int=2, in_dim:int=1024, pool:str='mean'):
         super().__init__()
-        if pool not in ('mean', 'max'): raise ConfigError(f"pool must be 'mean' or 'max', got {pool!r}")
+        if pool not in ('mean', 'max'): raise bad_value('pool', pool, "'mean' or 'max'")
         self.in_dim, self.pool, self.n_classes = in_dim, pool, n_classes
         self.fc = nn.Linear(in_dim, 1 if n_classes == 2 else n_classes)
     def _logits(self, z): return torch.cat([torch.zeros_like(z), z], -1) if self.n_classes == 2 else z
@@ -296,26 +302,28 @@ class PoolMIL(MILModel):
         if scores: out['patch_scores'] = (x @ w) / x.shape[1] if self.pool == 'mean' else _pool_contribution(x, self.fc.weight, -1)
         return out
 
-@register_model('transformer')
-def _transformer(n_classes=2, in_dim=1024, **kw): return TransformerMIL(n_classes, in_dim, **kw)
-@register_model('lstm')
-def _lstm(n_classes=2, in_dim=1024, **kw): return LSTMMIL(n_classes, in_dim, **kw)
-@register_model('meanpool')
-def _meanpool(n_classes=2, in_dim=1024, **kw): return PoolMIL(n_classes, in_dim, pool='mean', **kw)
-@register_model('maxpool')
-def _maxpool(n_classes=2, in_dim=1024, **kw): return PoolMIL(n_classes, in_dim, pool='max', **kw)
+MODELS.register('meanpool', pool='mean')(PoolMIL)
+MODELS.register('maxpool', pool='max')(PoolMIL)
 
 # %% ../../nbs/11_mil.ipynb
+FOREST_TYPES = ('sklearn.ensemble._forest.RandomForestClassifier', 'sklearn.tree._classes.DecisionTreeClassifier',
+                'sklearn.tree._tree.Tree')   # what a stored forest may hold beyond skops' own safe types
+
 class PooledForest:
     "Pool each bag's features (mean/max) and classify with a RandomForest (paper §4)."
-    def __init__(self, n_classes:int=2, in_dim:int=1024, pool:str='mean', n_estimators:int=200, seed:int=0, n_jobs:int=1):
+    def __init__(self, n_classes:int=2, in_dim:int=1024,
+                 pool:str='mean',          # 'mean' or 'max'
+                 n_estimators:int=200,     # trees (paper: 200)
+                 seed:int=0,               # the forest's random_state
+                 n_jobs:int=1):            # scikit-learn worker threads
         from sklearn.ensemble import RandomForestClassifier
-        if pool not in ('mean', 'max'): raise ConfigError(f"pool must be 'mean' or 'max', got {pool!r}")
+        if pool not in ('mean', 'max'): raise bad_value('pool', pool, "'mean' or 'max'")
+        if n_estimators < 1: raise bad_value('n_estimators', n_estimators, '≥ 1 tree')
         self.n_classes, self.in_dim, self.pool = n_classes, in_dim, pool
         self.forest = RandomForestClassifier(n_estimators=n_estimators, random_state=seed, n_jobs=n_jobs)
     def pool_bag(self, bag)->np.ndarray:
-        bag = np.asarray(bag, dtype=np.float32).reshape(-1, self.in_dim)
-        return bag.mean(0) if self.pool == 'mean' else bag.max(0)
+        bag = np.asarray(bag, dtype=np.float32).reshape(-1, self.in_dim)   # (L, in_dim)
+        return bag.mean(0) if self.pool == 'mean' else bag.max(0)        # (in_dim,)
     def fit(self, bags, labels):
         self.forest.fit(np.stack([self.pool_bag(b) for b in bags]), np.asarray(labels)); return self
     def predict_proba(self, bags)->np.ndarray:
@@ -324,10 +332,78 @@ class PooledForest:
         full[:, self.forest.classes_.astype(int)] = p
         return full
 
-@register_model('meanpool_rf')
-def _meanpool_rf(n_classes=2, in_dim=1024, **kw): return PooledForest(n_classes, in_dim, pool='mean', **kw)
-@register_model('maxpool_rf')
-def _maxpool_rf(n_classes=2, in_dim=1024, **kw): return PooledForest(n_classes, in_dim, pool='max', **kw)
+    def save(self, path:str|Path)->Path:
+        "Store the fitted forest with `skops.io` (atomically)."
+        import skops.io as sio
+        with atomic_path(path) as tmp: sio.dump(self.forest, tmp)
+        return Path(path)
+
+    def load(self, path:str|Path):
+        "Load a forest stored by `save`, trusting only `FOREST_TYPES`; a file holding other types is refused."
+        import skops.io as sio
+        from sklearn.ensemble import RandomForestClassifier
+        path = Path(path)
+        if not path.is_file(): raise InputError(f"{path}: forest file not found")
+        try: found = sio.get_untrusted_types(file=path)
+        except Exception as e: raise InputError(f"{path}: not a readable skops file ({type(e).__name__}: {e})") from None
+        bad = sorted(set(found) - set(FOREST_TYPES))
+        if bad: raise InputError(f"{path}: refused: the file holds types that are not a random forest's ({', '.join(bad)})")
+        try: forest = sio.load(path, trusted=list(found))
+        except Exception as e: raise InputError(f"{path}: not a readable skops file ({type(e).__name__}: {e})") from None
+        if not isinstance(forest, RandomForestClassifier):
+            raise InputError(f"{path}: holds a {type(forest).__name__}, expected a RandomForestClassifier")
+        self.forest = forest
+        return self
+
+MODELS.register('meanpool_rf', pool='mean')(PooledForest)
+MODELS.register('maxpool_rf', pool='max')(PooledForest)
 
 # %% ../../nbs/11_mil.ipynb
-TORCH_MODELS = ('ssm', 'transmil', 'clam_sb', 'clam_mb', 'transformer', 'lstm', 'meanpool', 'maxpool')
+TABLE2_PARAMS = {'ssm@32': 1_085_954, 'ssm@128': 1_184_258, 'transmil': 2_672_146, 'clam_sb': 790_791,
+                 'clam_mb': 791_048, 'transformer': 1_054_978, 'lstm': 789_250, 'meanpool': 1_025, 'maxpool': 1_025}
+
+def param_table()->pd.DataFrame:
+    "Table 2's parameter column: our binary models (1024-d features) next to the paper's counts."
+    return pd.DataFrame([dict(model=name, params=create_model(name).n_params, paper=paper)
+                         for name, paper in TABLE2_PARAMS.items()])
+
+def bench_mil_forward(model:str,       # a neural model of `MODELS`
+                      length:int,      # patches in the random bag
+                      d_state:int=32,  # SSM state dimension (models that take one)
+                      repeat:int=3, warmup:int=1,
+                      device:str='cpu', in_dim:int=1024, seed:int=0)->dict:
+    "Params, median ms per forward and peak memory (MiB) of one model on a random (1, L, in_dim) bag."
+    from medssm.bench import median_ms, peak_memory_mb
+    torch.manual_seed(seed)
+    has_state = 'd_state' in MODELS[model].options()
+    m = create_model(model, 2, in_dim, **({'d_state': d_state} if has_state else {})).to(device).eval()
+    x = torch.randn(1, length, in_dim, device=device)                    # (1, L, in_dim)
+    with torch.inference_mode():
+        ms = median_ms(lambda: m(x), repeat=repeat, warmup=warmup, device=device)
+        peak = peak_memory_mb(lambda: m(x), device)
+    rec = dict(model=model, length=length, params=m.n_params, ms=round(ms, 2), peak_mb=round(max(peak, 0.0), 1))
+    if has_state: rec['d_state'] = d_state
+    return rec
+
+BENCH_MODELS = ('ssm', 'transmil', 'clam_sb', 'clam_mb', 'transformer', 'lstm', 'meanpool', 'maxpool')
+
+def bench_mil(models=BENCH_MODELS, lengths=(30000,), d_states=(32, 128), repeat:int=3, warmup:int=1,
+              device:str='cpu',
+              threads:int=0,         # torch threads of each measurement (0: torch's default)
+              isolate:bool=True,     # one fresh process per record (exact peak memory)
+             )->list[dict]:
+    "One record per model (per `d_states` for the SSM) and length, with `vs_transmil` = ms / TransMIL's ms."
+    from medssm.bench import run_isolated
+    bad = [m for m in models if m not in MODELS or not is_torch_model(m)]
+    if bad: raise bad_value('models', bad, f'neural MIL models, some of {list_models(torch_only=True)}')
+    recs = []
+    for L in lengths:
+        for m in models:
+            for d in (d_states if 'd_state' in MODELS[m].options() else d_states[:1]):
+                kw = dict(model=m, length=int(L), d_state=int(d), repeat=repeat, warmup=warmup, device=device)
+                recs.append(run_isolated('medssm.mil.models:bench_mil_forward', kw, threads=threads) if isolate
+                            else bench_mil_forward(**kw))
+    ref = {r['length']: r['ms'] for r in recs if r['model'] == 'transmil'}
+    for r in recs:
+        if r['length'] in ref: r['vs_transmil'] = round(r['ms'] / ref[r['length']], 3)
+    return recs

@@ -4,86 +4,95 @@
 
 # %% ../../nbs/13_mil_train.ipynb 2
 from __future__ import annotations
-import warnings
-from dataclasses import dataclass
+import tempfile, warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from ..core import Config, ConfigError, InputError, RunDir, derive_seed, seed_everything, save_json
-from ..train import FitConfig, fit, predict, unwrap
+from ..core import Config, ConfigError, InputError, bad_value, derive_seed, get_device, seed_everything, stable_hash
+from ..runs import LoadedRun, Run, load_run, register_run_kind
+from ..train import FitConfig, dist_info, fit, param_groups_for, predict, unwrap
+from ..weights import load_checkpoint, load_weights
 from ..metrics import accuracy, auroc, cross_validate, summarize, mean_std_ci, Fold
-from .models import create_model, count_params, PooledForest, TORCH_MODELS
-from .data import BagDataset
+from .models import MODELS, PooledForest, create_model, is_torch_model
+from .data import BagDataset, fold_from_slide_ids, fold_slide_ids, load_bags
 
 # %% auto 0
-__all__ = ['SSM_PARAM_NAMES', 'METRICS', 'ABLATION', 'MILConfig', 'build_model', 'mil_step', 'ForestResult', 'train_mil',
-           'predict_mil', 'long_threshold', 'evaluate_mil', 'run_cv', 'long_summary', 'compare_models', 'run_ablation',
-           'patch_auroc']
+__all__ = ['MIL_FIT', 'METRICS', 'FOREST_FILE', 'ABLATION', 'MILConfig', 'build_mil_model', 'mil_step', 'mil_param_groups',
+           'ForestResult', 'train_mil', 'predict_mil', 'long_threshold', 'mil_metrics', 'evaluate_mil',
+           'load_mil_model', 'run_predictions', 'train_run', 'same_metrics', 'run_cv', 'long_summary', 'compare_models',
+           'run_ablation', 'patch_auroc']
 
 # %% ../../nbs/13_mil_train.ipynb
-SSM_PARAM_NAMES = ['kernel.log_dt', 'kernel.log_A_real', 'kernel.A_imag', 'kernel.C', '.D']
+MIL_FIT = dict(max_epochs=200, batch_size=1, lr=2e-4, optimizer='adam', weight_decay=1e-3, lookahead_k=6,
+               lookahead_alpha=0.5, early_stop_patience=10, monitor='val_loss', mode='min', progress=False)
+_MODEL_FIELDS = ('d_state', 'n_layers', 'dropout', 'bidirectional', 'multitask', 'k_sample', 'n_estimators', 'landmarks')
 
 @dataclass
 class MILConfig(Config):
-    model: str = 'ssm'             # a name of `medssm.mil.models.MODELS`
-    n_classes: int = 2             # slide classes
-    in_dim: int = 1024             # patch feature dimension
-    d_state: int = 32              # SSM state dimension N (32 for CAMELYON16/TCGA-RCC, 128 for TCGA-LUAD)
-    n_layers: int = 1              # SSM layers (Table 3 A/B: 2, 3)
-    dropout: float = 0.0           # SSM dropout
-    bidirectional: bool = False    # SSM: add an anti-causal SSM (beyond the paper)
-    multitask: bool = False        # patch-level head and loss (Eq. 7; ssm and transmil)
-    lam: float = 5.0               # λ of Eq. 7
-    bag_weight: float = 0.7        # CLAM: weight of the bag loss against the instance loss
-    k_sample: int = 8              # CLAM: B, patches per side for the instance loss
-    n_estimators: int = 200        # random forest of the *_rf pooling baselines
-    landmarks: int = 256           # TransMIL Nyström landmarks (256 = the paper; fewer only for tiny demos)
-    max_epochs: int = 200          # epochs at most
-    lr: float = 2e-4               # Adam learning rate
-    weight_decay: float = 1e-3     # 1e-3 CAMELYON16, 1e-4 TCGA
-    lookahead_k: int = 6           # Lookahead period (0 = off)
-    lookahead_alpha: float = 0.5   # Lookahead step
-    patience: int = 10             # early stopping on val loss (0 = off)
-    ssm_no_decay: bool = False     # no weight decay on the SSM parameters
-    long_percentile: float = 85.0  # long-sequence subset: lengths ≥ this percentile (Table 5)
-    seed: int = 0                  # root seed (init, data order)
-    device: str = ''               # '' = automatic
-    progress: bool = False         # progress bars
+    "One MIL experiment: model, MIL loss settings and the fit loop's recipe (defaults: the paper's)."
+    RESUMABLE = frozenset()          # every field here changes results (the loop's own resumable fields are in `fit`)
+    model: str = 'ssm'               # MIL model: ssm, transmil, clam_sb, clam_mb, transformer, lstm, meanpool, maxpool, meanpool_rf, maxpool_rf
+    n_classes: int = 2               # slide classes (the mil commands take it from the data)
+    in_dim: int = 1024               # patch feature dimension (digit bags are embedded to it)
+    d_state: int = 32                # SSM state dimension N, even (32 for CAMELYON16/TCGA-RCC, 128 for TCGA-LUAD)
+    n_layers: int|None = None        # layers (none: each model's default — SSM 1, Transformer 2; Table 3 A/B: SSM 2, 3)
+    dropout: float|None = None       # model dropout (none: each model's default — SSM 0, TransMIL/Transformer 0.1)
+    bidirectional: bool = False      # SSM: add an anti-causal SSM (beyond the paper)
+    multitask: bool = False          # patch-level head and loss (Eq. 7; ssm and transmil; needs patch labels)
+    lam: float = 5.0                 # λ of Eq. 7
+    bag_weight: float = 0.7          # CLAM: weight of the bag loss against the instance loss
+    k_sample: int = 8                # CLAM: B, patches per side for the instance loss
+    n_estimators: int = 200          # trees of the *_rf pooling baselines
+    landmarks: int = 256             # TransMIL Nyström landmarks (256 = the paper; fewer only for tiny demos)
+    ssm_no_decay: bool = False       # no weight decay on the SSM parameters (the S4D layer's optimizer hint)
+    long_percentile: float = 85.0    # long-sequence subset: bags at or above this length percentile (Table 5)
+    fit: FitConfig = field(default_factory=lambda: FitConfig(**MIL_FIT))   # the loop's settings
 
     def check(self):
-        if self.model not in TORCH_MODELS + ('meanpool_rf', 'maxpool_rf'):
-            raise ConfigError(f"model={self.model!r}: expected one of {list(TORCH_MODELS) + ['meanpool_rf', 'maxpool_rf']}")
-        if self.multitask and self.model not in ('ssm', 'transmil'):
-            raise ConfigError(f"multitask=True needs model 'ssm' or 'transmil', got {self.model!r}")
-        if not 0 < self.bag_weight <= 1: raise ConfigError(f"bag_weight={self.bag_weight}: expected in (0, 1]")
+        "Raise a `ConfigError` naming the flag and the expected range of the first unusable value; returns self."
+        super().check()
+        if '@' in self.model: raise bad_value('model', self.model, 'a name without @variant: give it as its option (e.g. --d-state 128)')
+        if self.model not in MODELS: raise bad_value('model', self.model, f"one of {MODELS.names()}")
+        if self.n_classes < 2: raise bad_value('n_classes', self.n_classes, 'at least 2 classes')
+        if self.in_dim < 1: raise bad_value('in_dim', self.in_dim, 'a feature dimension ≥ 1')
+        if self.d_state < 2 or self.d_state % 2: raise bad_value('d_state', self.d_state, 'an even number ≥ 2')
+        if self.n_layers is not None and self.n_layers < 1: raise bad_value('n_layers', self.n_layers, '≥ 1 layer')
+        if self.dropout is not None and not 0 <= self.dropout < 1: raise bad_value('dropout', self.dropout, 'a probability in [0, 1)')
+        if self.lam < 0: raise bad_value('lam', self.lam, '≥ 0')
+        if not 0 < self.bag_weight <= 1: raise bad_value('bag_weight', self.bag_weight, 'a weight in (0, 1]')
+        for name in ('k_sample', 'n_estimators', 'landmarks'):
+            if getattr(self, name) < 1: raise bad_value(name, getattr(self, name), '≥ 1')
+        if not 0 <= self.long_percentile <= 100: raise bad_value('long_percentile', self.long_percentile, 'a percentile in [0, 100]')
+        if self.multitask and 'multitask' not in MODELS[self.model].options():
+            raise bad_value('multitask', True, f'a model with a patch head (ssm, transmil), not {self.model!r}')
+        if self.fit.batch_size != 1: raise bad_value('batch_size', self.fit.batch_size, '1 (one bag per step: bags differ in length)')
+        if self.fit.monitor not in ('val_loss', 'val_acc', 'val_auroc', 'train_loss'):
+            raise bad_value('monitor', self.fit.monitor, "one of val_loss, val_acc, val_auroc, train_loss")
         return self
 
     @property
-    def is_forest(self)->bool: return self.model.endswith('_rf')
+    def is_forest(self)->bool: return not is_torch_model(self.model)
 
-    def model_kwargs(self)->dict:
-        "The options of `create_model` that apply to this model."
-        if self.model == 'ssm': return dict(d_state=self.d_state, n_layers=self.n_layers, dropout=self.dropout,
-                                            bidirectional=self.bidirectional, multitask=self.multitask)
-        if self.model == 'transmil': return dict(multitask=self.multitask, landmarks=self.landmarks)
-        if self.model.startswith('clam'): return dict(k_sample=self.k_sample, subtyping=self.n_classes > 2)
-        if self.is_forest: return dict(n_estimators=self.n_estimators, seed=self.seed)
-        return {}
+    def for_data(self, ds:BagDataset)->MILConfig:
+        "This config with `n_classes` taken from the data (its classes), checked against its feature dimension."
+        n = max(len(getattr(ds, 'classes', None) or []), int(ds.labels.max()) + 1, 2)
+        if ds.in_dim is not None and ds.in_dim != self.in_dim:
+            raise bad_value('in_dim', self.in_dim, f"the data's feature dimension, {ds.in_dim}")
+        return self.replace(n_classes=n).check()
 
-    def fit_config(self)->FitConfig:
-        "The shared loop's settings for this recipe."
-        return FitConfig(max_epochs=self.max_epochs, batch_size=1, lr=self.lr, optimizer='adam',
-                         weight_decay=self.weight_decay, no_decay=SSM_PARAM_NAMES if self.ssm_no_decay else [],
-                         lookahead_k=self.lookahead_k, lookahead_alpha=self.lookahead_alpha,
-                         early_stop_patience=self.patience, monitor='val_loss', mode='min', seed=self.seed,
-                         device=self.device, progress=self.progress)
+    def model_options(self)->dict:
+        "The options of `create_model` this config sets, limited to those its model's constructor takes."
+        takes = MODELS[self.model].options()
+        values = {**{f: getattr(self, f) for f in _MODEL_FIELDS}, 'subtyping': self.n_classes > 2, 'seed': self.fit.seed}
+        return {k: v for k, v in values.items() if k in takes and v is not None}
 
-def build_model(cfg:MILConfig, seed:int|None=None):
-    "A fresh model for `cfg` (initialised from `seed`, default cfg.seed)."
-    seed_everything(derive_seed(cfg.seed if seed is None else seed, 'init-model'))
-    return create_model(cfg.model, cfg.n_classes, cfg.in_dim, **cfg.model_kwargs())
+def build_mil_model(cfg:MILConfig, seed:int|None=None):
+    "A fresh model for `cfg`, initialised from `seed` (default: `cfg.fit.seed`)."
+    seed_everything(derive_seed(cfg.fit.seed if seed is None else seed, 'init-model'))
+    return create_model(cfg.model, cfg.n_classes, cfg.in_dim, **cfg.model_options())
 
 # %% ../../nbs/13_mil_train.ipynb
 def mil_step(cfg:MILConfig):
@@ -95,16 +104,30 @@ def mil_step(cfg:MILConfig):
         logits = out['logits']                                         # (1, C)
         loss = F.cross_entropy(logits, y)
         if 'instance_loss' in out: loss = cfg.bag_weight * loss + (1 - cfg.bag_weight) * out['instance_loss']
-        if cfg.multitask:
-            if len(batch) < 3: raise InputError("multitask training needs patch labels (a dataset with patch_labels)")
+        if cfg.multitask and len(batch) >= 3:
             pl = batch[2]                                              # (1, L)
             loss = loss + cfg.lam * F.cross_entropy(out['patch_logits'].flatten(0, 1), pl.flatten())  # Eq. 7
-        return dict(loss=loss, output=logits.detach().softmax(-1), target=y)
+        elif cfg.multitask and model.training:
+            raise InputError("multitask training needs patch labels (a dataset with patch_labels)")
+        return dict(loss=loss, output=logits.detach().float().softmax(-1), target=y)
     return step
 
 METRICS = {'acc': accuracy, 'auroc': auroc}
 
+def mil_param_groups(model:torch.nn.Module, cfg:MILConfig)->list[dict]|None:
+    "Optimizer groups with the parameters' own `_optim` hints applied when `cfg.ssm_no_decay` (else None: the loop's)."
+    if not cfg.ssm_no_decay: return None
+    groups = param_groups_for(model, cfg.fit.no_decay)
+    hinted = {}
+    for p in model.parameters():
+        if p.requires_grad and getattr(p, '_optim', None): hinted.setdefault(tuple(sorted(p._optim.items())), []).append(p)
+    ids = {id(p) for ps in hinted.values() for p in ps}
+    rest = [{**g, 'params': [p for p in g['params'] if id(p) not in ids]} for g in groups]
+    return [g for g in rest if g['params']] + [{'params': ps, **dict(h)} for h, ps in hinted.items()]
+
 # %% ../../nbs/13_mil_train.ipynb
+FOREST_FILE = 'forest.skops'
+
 @dataclass
 class ForestResult:
     "What `train_mil` returns for the random-forest baselines (mirrors `FitResult`)."
@@ -115,18 +138,25 @@ class ForestResult:
 def _bags(ds:BagDataset): return [ds.features(i) for i in range(len(ds))]
 
 def train_mil(cfg:MILConfig, train_ds:BagDataset, val_ds:BagDataset|None=None,
-              run:RunDir|str|Path|None=None, model=None):
+              run:Run|str|Path|None=None, model=None):
     "Train `cfg.model` on `train_ds` with early stopping on `val_ds`; returns a `FitResult` (or `ForestResult`)."
     cfg.check()
-    model = model if model is not None else build_model(cfg)
-    if cfg.is_forest: return ForestResult(model.fit(_bags(train_ds), train_ds.labels), [])
-    return fit(model, train_ds, val_ds, config=cfg.fit_config(), step=mil_step(cfg), metrics=METRICS, run=run)
+    model = model if model is not None else build_mil_model(cfg)
+    if cfg.is_forest:
+        path = Run(run).path/FOREST_FILE if isinstance(run, (str, Path)) else run.path/FOREST_FILE if run is not None else None
+        if path is not None and path.exists(): return ForestResult(model.load(path), [])
+        model.fit(_bags(train_ds), train_ds.labels)
+        if path is not None: model.save(path)
+        return ForestResult(model, [])
+    return fit(model, train_ds, val_ds, config=cfg.fit, step=mil_step(cfg), metrics=METRICS, run=run,
+               param_groups=mil_param_groups(model, cfg))
 
-def predict_mil(model, ds:BagDataset, cfg:MILConfig|None=None)->tuple[np.ndarray, np.ndarray]:
-    "Class probabilities (N, C) and targets (N,) over `ds`."
+def predict_mil(model, ds:BagDataset, cfg:MILConfig|None=None, device=None)->tuple[np.ndarray, np.ndarray]:
+    "Class probabilities (N, C) and targets (N,) over `ds`, in its order."
     if isinstance(model, PooledForest): return model.predict_proba(_bags(ds)), ds.labels
     cfg = cfg or MILConfig(multitask=getattr(model, 'multitask', False))
-    return predict(model, ds, step=mil_step(cfg), device=cfg.device or None)
+    dev = get_device(device or cfg.fit.device or None)
+    return predict(model.to(dev), ds, step=mil_step(cfg), device=dev)
 
 # %% ../../nbs/13_mil_train.ipynb
 def long_threshold(lengths, percentile:float=85.0)->float:
@@ -137,34 +167,92 @@ def _quiet_auroc(t, p):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore'); return auroc(t, p)
 
+def mil_metrics(probs:np.ndarray, target:np.ndarray, lengths:np.ndarray|None=None, threshold:float|None=None,
+                prefix:str='test_')->dict:
+    "Accuracy/AUROC of class probabilities, and on the bags with length ≥ `threshold` (when given) as `long_*`."
+    res = {f'{prefix}acc': accuracy(target, probs), f'{prefix}auroc': _quiet_auroc(target, probs)}
+    if threshold is not None:
+        keep = np.asarray(lengths) >= threshold
+        res['n_long'] = int(keep.sum())
+        res['long_acc'] = accuracy(target[keep], probs[keep]) if keep.any() else float('nan')
+        res['long_auroc'] = _quiet_auroc(target[keep], probs[keep]) if keep.any() else float('nan')
+    return res
+
 def evaluate_mil(model, ds:BagDataset, cfg:MILConfig|None=None, threshold:float|None=None,
                  prefix:str='test_')->dict:
     "Accuracy/AUROC on `ds`, and on its bags with length ≥ `threshold` (when given) as `long_*`."
     probs, tgt = predict_mil(model, ds, cfg)
-    res = {f'{prefix}acc': accuracy(tgt, probs), f'{prefix}auroc': _quiet_auroc(tgt, probs)}
-    if threshold is not None:
-        keep = ds.lengths >= threshold
-        res['n_long'] = int(keep.sum())
-        res['long_acc'] = accuracy(tgt[keep], probs[keep]) if keep.any() else float('nan')
-        res['long_auroc'] = _quiet_auroc(tgt[keep], probs[keep]) if keep.any() else float('nan')
-    return res
+    return mil_metrics(probs, tgt, ds.lengths, threshold, prefix)
+
+# %% ../../nbs/13_mil_train.ipynb
+def load_mil_model(run:Run, cfg:MILConfig, which:str='best', device='cpu'):
+    "The model of a MIL run folder: its best (or last) weights in eval mode on `device`, or its random forest."
+    if not is_torch_model(cfg.model): return build_mil_model(cfg).load(run.path/FOREST_FILE)
+    ck = run.checkpoint_path(which)
+    if not ck.exists(): raise InputError(f"{run.path}: no {which} checkpoint ({ck}); did training finish an epoch?")
+    model = build_mil_model(cfg)
+    load_weights(model, load_checkpoint(ck)['model'], name=str(ck))
+    return model.to(device).eval()
+
+register_run_kind('mil', MILConfig, build_mil_model, load_data=load_bags, load_model=load_mil_model)
+
+def run_predictions(loaded:LoadedRun,
+                    ds:BagDataset|None=None,  # the data (default: the run's own, rebuilt from its record)
+                    part:str|None='test',     # a part of the stored split; None: all of `ds` (external data)
+                    device=None)->tuple[dict, pd.DataFrame]:
+    "Metrics and per-slide class probabilities of a loaded run on a part of its split (or on external data)."
+    cfg = loaded.config
+    ds = ds if ds is not None else loaded.dataset()
+    threshold = long_threshold(ds.lengths, cfg.long_percentile)             # of the whole dataset, as in training
+    sub = ds if part is None else ds.subset(getattr(fold_from_slide_ids(ds, loaded.split), part))
+    if not len(sub): raise InputError(f"{loaded.run.path}: the stored split has no {part} slides")
+    probs, tgt = predict_mil(loaded.model, sub, cfg, device)
+    preds = pd.DataFrame({'slide_id': sub.slide_ids, 'label': tgt, 'length': sub.lengths,
+                          **{f'p{c}': probs[:, c] for c in range(probs.shape[1])}})
+    return mil_metrics(probs, tgt, sub.lengths, threshold), preds
+
+def train_run(cfg:MILConfig, ds:BagDataset, split:Fold, out:str|Path,
+              command:str|None=None,   # the command line, for the record
+              validate:bool=True,      # check every slide of the split first
+             )->dict:
+    "Check the inputs, start (or resume) the run folder `out`, train, and record the test metrics."
+    cfg.check()
+    if ds.in_dim is not None and ds.in_dim != cfg.in_dim:
+        raise bad_value('in_dim', cfg.in_dim, f"the data's feature dimension, {ds.in_dim}")
+    if ds.labels.max() >= cfg.n_classes: raise bad_value('n_classes', cfg.n_classes, f'> {ds.labels.max()}, the largest label (see MILConfig.for_data)')
+    if validate: ds.validate(np.concatenate([split.train, split.val, split.test]))
+    rank = dist_info()[0]                           # under torchrun only rank 0 owns (and writes) the folder
+    run = Run.start(out, cfg, kind='mil', data=ds.record, split=fold_slide_ids(ds, split), command=command) if rank == 0 else Run(out)
+    try:
+        res = train_mil(cfg, ds.subset(split.train), ds.subset(split.val) if len(split.val) else None, run=run)
+        metrics = {}
+        if len(split.test) and rank == 0:
+            metrics, _ = run_predictions(load_run(run.path), ds, 'test')
+            run.save_test_metrics(metrics)
+    finally: run.release()
+    return dict(run=str(run.path), **metrics, epochs=len(res.history), best_epoch=res.best_epoch)
+
+def same_metrics(a:dict, b:dict)->bool:
+    "Whether two metric records are identical, value for value (NaN equal to NaN, as JSON writes them)."
+    import json
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 # %% ../../nbs/13_mil_train.ipynb
 def run_cv(cfg:MILConfig, ds:BagDataset, folds:list[Fold],
            out_dir:str|Path|None=None,  # run folders and per-fold results (enables resume); None = a temp folder
+           validate:bool=True,          # check every bag first
           ):
     "Cross-validate `cfg` over `folds`; returns `CVResult(per_fold, summary)`."
-    import tempfile
     cfg.check()
+    if validate: ds.validate()
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix='mil_cv_'))
-    thr = long_threshold(ds.lengths, cfg.long_percentile)
+    key = stable_hash([cfg.fingerprint(), ds.fingerprint])
     def run_fold(k, fold):
-        fcfg = cfg.replace(seed=derive_seed(cfg.seed, 'fold', k))
-        res = train_mil(fcfg, ds.subset(fold.train), ds.subset(fold.val) if len(fold.val) else None,
-                        run=None if cfg.is_forest else RunDir(f'fold_{k}', root=out))
-        r = evaluate_mil(res.model, ds.subset(fold.test), fcfg, threshold=thr)
-        return {**r, 'epochs': len(res.history), 'best_epoch': res.best_epoch}
-    return cross_validate(run_fold, folds, out_dir=out/'cv')
+        fcfg = cfg.replace(seed=derive_seed(cfg.fit.seed, 'fold', k))
+        tag = stable_hash([key, fold_slide_ids(ds, fold)], n=8)
+        r = train_run(fcfg, ds, fold, out/f'fold_{k}-{tag}', validate=False)
+        return {k2: v for k2, v in r.items() if k2 != 'run'}
+    return cross_validate(run_fold, folds, out_dir=out/'cv', key=key)
 
 def long_summary(per_fold:pd.DataFrame)->dict:
     "Table 5: accuracy weighted by the number of long bags per fold, and mean AUROC."
@@ -177,14 +265,12 @@ ABLATION = {'Ours': dict(n_layers=1, d_state=32), 'A': dict(n_layers=2, d_state=
             'C': dict(n_layers=1, d_state=16), 'D': dict(n_layers=1, d_state=64)}   # Table 3
 
 def compare_models(cfg:MILConfig, models:dict, ds:BagDataset, folds:list[Fold], out_dir:str|Path|None=None,
-                  )->tuple[pd.DataFrame, pd.DataFrame]:
+                   validate:bool=True)->tuple[pd.DataFrame, pd.DataFrame]:
     "Cross-validate each `{label: {cfg field: value}}` variant of `cfg`; returns (per-fold rows, summary by model)."
-    import tempfile
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix='mil_cmp_'))
-    rows = []
-    for label, changes in models.items():
-        cv = run_cv(cfg.replace(**changes), ds, folds, out/label)
-        rows.append(cv.per_fold.assign(model=label))
+    variants = {label: cfg.replace(**changes).check() for label, changes in models.items()}   # all checked first
+    if validate: ds.validate()
+    rows = [run_cv(c, ds, folds, out/label, validate=False).per_fold.assign(model=label) for label, c in variants.items()]
     per_fold = pd.concat(rows, ignore_index=True)
     return per_fold, summarize(per_fold.drop(columns=['epochs', 'best_epoch'], errors='ignore'), by='model')
 
@@ -197,6 +283,6 @@ def patch_auroc(model, ds:BagDataset)->float:
     model.eval(); scores, labels = [], []
     with torch.no_grad():
         for i in range(len(ds)):
-            x = torch.from_numpy(ds.features(i)).unsqueeze(0).to(next(model.parameters()).device)
+            x = torch.from_numpy(ds.features(i)).unsqueeze(0).to(next(model.parameters()).device)   # (1, L, D)
             scores.append(model(x, return_all=True)['patch_scores'][0].cpu().numpy()); labels.append(np.asarray(ds.patch_labels[i]))
     return _quiet_auroc(np.concatenate(labels), np.concatenate(scores))

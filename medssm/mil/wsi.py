@@ -4,7 +4,7 @@
 
 # %% ../../nbs/15_wsi.ipynb 2
 from __future__ import annotations
-import functools, logging, os, re, time, warnings
+import functools, logging, os, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -20,9 +20,12 @@ import openslide
 from PIL import Image
 from skimage import color, filters, morphology
 
-from ..core import (Config, ConfigError, InputError, MedssmError, atomic_path, atomic_write, get_device,
-                         load_json, save_json, seed_everything)
+from ..core import (Config, ConfigError, InputError, MedssmError, atomic_path, atomic_write, bad_value, get_device,
+                         load_json, remove_stale_temps, save_json, seed_everything)
+from ..registry import Registry
+from ..runs import FileLock
 from ..train import dist_info
+from ..weights import load_weights
 
 log = logging.getLogger('medssm.mil.wsi')
 
@@ -30,9 +33,10 @@ log = logging.getLogger('medssm.mil.wsi')
 __all__ = ['log', 'DEMO_MPP', 'DEMO_SCALE', 'DEMO_OFFSET', 'DEMO_CANVAS', 'MPP_AT_20X', 'IMAGENET_MEAN', 'IMAGENET_STD',
            'EXTRACTORS', 'SLIDE_EXTENSIONS', 'write_pyramid_tiff', 'demo_image', 'make_demo_slide', 'open_slide',
            'PatchSpec', 'base_magnification', 'patch_spec', 'read_thumbnail', 'tissue_mask', 'PatchGrid', 'patch_grid',
-           'Extractor', 'register_extractor', 'create_extractor', 'load_weights', 'ResNetTrunc', 'PatchDataset',
-           'patch_loader', 'extract_features', 'save_h5', 'load_h5', 'spec_attrs', 'WSIConfig', 'list_slides',
-           'process_slide', 'manifest_row', 'write_manifest', 'process_slides']
+           'Extractor', 'create_extractor', 'ResNetTrunc', 'trunc_resnet_extractor', 'torchvision_extractor',
+           'timm_extractor', 'torchscript_extractor', 'PatchDataset', 'patch_loader', 'extract_features', 'save_h5',
+           'load_h5', 'spec_attrs', 'WSIConfig', 'list_slides', 'process_slide', 'manifest_row', 'write_manifest',
+           'process_slides', 'bench_wsi']
 
 # %% ../../nbs/15_wsi.ipynb
 def write_pyramid_tiff(path:str|Path,      # destination .tiff
@@ -143,8 +147,8 @@ def patch_spec(slide:openslide.AbstractSlide,
                base_mag:float|None=None,        # override the slide's objective power
                name:str='slide')->PatchSpec:
     "Choose the level and read size giving `size`-px patches at `magnification`."
-    if size < 8: raise ConfigError(f"patch size {size}: expected at least 8 px")
-    if magnification <= 0: raise ConfigError(f"magnification {magnification}: expected a positive number")
+    if size < 8: raise bad_value('patch_size', size, 'at least 8 px')
+    if magnification <= 0: raise bad_value('magnification', magnification, 'a positive number')
     bmag, bmpp = base_magnification(slide, base_mpp, base_mag, name)
     f = bmag / magnification                                    # level-0 px per target px
     if f < 1 - 1e-3:
@@ -253,60 +257,30 @@ class Extractor:
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
 
-EXTRACTORS:dict[str, Callable] = {}
+EXTRACTORS = Registry('wsi feature extractor')
 
-def register_extractor(name:str, # registry key; ending in ':' makes it a prefix (`tv:resnet50`)
-                      ):
-    "Decorator registering `builder(name, weights, random_weights) -> Extractor`."
-    def deco(fn): EXTRACTORS[name] = fn; return fn
-    return deco
-
-def create_extractor(name:str,                # a registered name, or `prefix:model`
+def create_extractor(name:str,                # a registered name, or `family:model` (tv:resnet50, timm:vit_small_patch16_224)
                      weights:str|Path|None=None, # local weights file
                      random_weights:bool=False,  # allow untrained weights (demos, tests)
                     )->Extractor:
     "Build a registered feature extractor in eval mode."
-    key = name if name in EXTRACTORS else (name.split(':', 1)[0] + ':' if ':' in name else name)
-    if key not in EXTRACTORS:
-        raise ConfigError(f"extractor {name!r}: unknown; registered: {', '.join(sorted(EXTRACTORS))} "
-                          f"(prefixes take a model name, e.g. tv:resnet50, timm:vit_small_patch16_224)")
-    ext = EXTRACTORS[key](name, weights, random_weights)
+    base, _, arch = name.partition(':')
+    ext = EXTRACTORS.create(base, **({'arch': arch} if arch else {}), weights=weights, random_weights=random_weights)
     ext.model.eval()
     return ext
 
 # %% ../../nbs/15_wsi.ipynb
-def _state_dict_from(path:Path)->dict:
-    try:
-        if path.suffix == '.safetensors':
-            from safetensors.torch import load_file
-            sd = load_file(str(path))
-        else: sd = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e: raise InputError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
-    for k in ('state_dict', 'model', 'module'):
-        if isinstance(sd, dict) and k in sd and isinstance(sd[k], dict): sd = sd[k]
-    if not isinstance(sd, dict): raise InputError(f"{path}: expected a state dict, got {type(sd).__name__}")
-    return {re.sub(r'^(module\.|model\.|backbone\.)', '', k): v for k, v in sd.items()}
+_PREFIXES = ('module.', '_orig_mod.', 'model.', 'backbone.')     # wrapper prefixes stripped when every key has one
 
-def load_weights(model:nn.Module, path:str|Path, name:str='model'):
-    "Load a state dict file into `model`; every model key must be present with the right shape."
-    path = Path(path)
-    if not path.exists(): raise InputError(f"{path}: weights file not found")
-    sd, own = _state_dict_from(path), model.state_dict()
-    missing = [k for k in own if k not in sd]
-    if missing:
-        raise InputError(f"{path}: not weights for {name}: {len(missing)} of its {len(own)} tensors are missing "
-                         f"(e.g. {missing[:3]})")
-    bad = [k for k in own if tuple(sd[k].shape) != tuple(own[k].shape)]
-    if bad: raise InputError(f"{path}: shape mismatch for {name} in {bad[:3]}")
-    model.load_state_dict({k: sd[k] for k in own})
-
-def _resolve_weights(model, name, weights, random_weights, cache_files=())->str:
+def _resolve_weights(model, name, weights, random_weights, cache_files=(), allow_unexpected=())->str:
     "Load weights from `weights`, else the torch hub cache, else allow random ones only when asked; returns the source."
+    load = lambda p: load_weights(model, p, allow_unexpected=allow_unexpected, strip=_PREFIXES,
+                                  name=f"{p} (weights for extractor {name})")
     if weights:
-        load_weights(model, weights, name); return str(weights)
+        load(Path(weights)); return str(weights)
     cache = Path(torch.hub.get_dir())/'checkpoints'
     for f in cache_files:      # names in the torch hub cache, or absolute paths (e.g. the Hugging Face cache)
-        if (cache/f).exists(): load_weights(model, cache/f, name); return str(cache/f)
+        if (cache/f).exists(): load(cache/f); return str(cache/f)
     if random_weights:
         warnings.warn(f"extractor {name}: RANDOM weights (--random-weights): features are untrained, for demos/tests only")
         return 'random'
@@ -331,15 +305,16 @@ class ResNetTrunc(nn.Module):
 
 _TV_V1 = {'resnet50': ('resnet50-0676ba61.pth', 'resnet50-19c8e357.pth'), 'resnet18': ('resnet18-f37072fd.pth',)}
 
-def _trunc_builder(arch):
-    def build(name, weights, random_weights):
-        m = ResNetTrunc(arch)
-        src = _resolve_weights(m, name, weights, random_weights, _TV_V1[arch])
-        return Extractor(name, m, m.dim, weights=src)
-    return build
-
-register_extractor('resnet50_trunc')(_trunc_builder('resnet50'))
-register_extractor('resnet18_trunc')(_trunc_builder('resnet18'))
+@EXTRACTORS.register('resnet50_trunc', arch='resnet50')
+@EXTRACTORS.register('resnet18_trunc', arch='resnet18')
+def trunc_resnet_extractor(arch:str='resnet50',          # torchvision ResNet cut after layer3
+                           weights:str|Path|None=None,   # a full (or truncated) ResNet state dict
+                           random_weights:bool=False)->Extractor:
+    "CLAM's encoder: a torchvision ResNet up to layer3 + mean pooling (resnet50: 1024-d)."
+    m = ResNetTrunc(arch)
+    name = f'{arch}_trunc'
+    src = _resolve_weights(m, name, weights, random_weights, _TV_V1[arch], allow_unexpected=('layer4.*', 'fc.*'))
+    return Extractor(name, m, m.dim, weights=src)
 
 # %% ../../nbs/15_wsi.ipynb
 def _drop_head(m:nn.Module)->nn.Module:
@@ -356,10 +331,12 @@ def _drop_head(m:nn.Module)->nn.Module:
 def _out_dim(m:nn.Module, size:int=224)->int:
     m.eval(); return int(m(torch.zeros(1, 3, size, size)).reshape(1, -1).shape[1])
 
-@register_extractor('tv:')
-def _tv_builder(name, weights, random_weights):
+@EXTRACTORS.register('tv', variant='arch')
+def torchvision_extractor(arch:str,                       # a torchvision classification model name
+                          weights:str|Path|None=None, random_weights:bool=False)->Extractor:
+    "Any torchvision classifier with its last linear layer removed (patches resized to 224 px)."
     import torchvision
-    arch = name.split(':', 1)[1]
+    name = f'tv:{arch}'
     try: m = torchvision.models.get_model(arch, weights=None)
     except ValueError: raise ConfigError(f"extractor {name!r}: torchvision has no model {arch!r}") from None
     cache = []
@@ -378,20 +355,26 @@ def _timm_cache(m)->list:
     found = [try_to_load_from_cache(repo, f) for f in ('model.safetensors', 'pytorch_model.bin')]
     return [Path(p) for p in found if isinstance(p, str)]
 
-@register_extractor('timm:')
-def _timm_builder(name, weights, random_weights):
+@EXTRACTORS.register('timm', variant='arch')
+def timm_extractor(arch:str,                              # a timm model name
+                   weights:str|Path|None=None, random_weights:bool=False)->Extractor:
+    "Any timm model without its head (`num_classes=0`), normalised as its pretrained config says."
     import timm
-    arch = name.split(':', 1)[1]
+    name = f'timm:{arch}'
     if arch not in timm.list_models(): raise ConfigError(f"extractor {name!r}: timm has no model {arch!r}")
     m = timm.create_model(arch, pretrained=False, num_classes=0)
-    src = _resolve_weights(m, name, weights, random_weights, _timm_cache(m))
+    src = _resolve_weights(m, name, weights, random_weights, _timm_cache(m),
+                           allow_unexpected=('fc.*', 'head.*', 'head.fc.*', 'classifier.*', 'last_linear.*'))
     cfg = getattr(m, 'pretrained_cfg', {}) or {}
     size = (cfg.get('input_size') or (3, 224, 224))[-1]
     return Extractor(name, m, m.num_features, tuple(cfg.get('mean', IMAGENET_MEAN)), tuple(cfg.get('std', IMAGENET_STD)),
                      input_size=size, weights=src)
 
-@register_extractor('torchscript')
-def _torchscript_builder(name, weights, random_weights):
+@EXTRACTORS.register('torchscript')
+def torchscript_extractor(weights:str|Path|None=None,     # the TorchScript file (required)
+                          random_weights:bool=False)->Extractor:
+    "A TorchScript patch encoder (e.g. a pathology foundation model exported with `torch.jit`)."
+    name = 'torchscript'
     if not weights: raise ConfigError("extractor 'torchscript' needs --weights PATH of a TorchScript file")
     path = Path(weights)
     if not path.exists(): raise InputError(f"{path}: TorchScript file not found")
@@ -478,22 +461,33 @@ SLIDE_EXTENSIONS = ('.svs', '.tif', '.tiff', '.ndpi', '.vms', '.vmu', '.scn', '.
 @dataclass
 class WSIConfig(Config):
     "Settings of the slide pipeline (defaults: paper 1, section 3.4)."
+    RESUMABLE = frozenset({'batch_size', 'num_workers', 'device', 'amp', 'seed'})   # may change when a folder resumes
     magnification:float = 20.        # target magnification of the patches
     patch_size:int = 256             # patch side at that magnification, px
     min_tissue:float = 0.5           # minimum tissue fraction of a kept patch
-    extractor:str = 'resnet50_trunc' # feature extractor (see EXTRACTORS)
-    weights:str = ''                 # local weights file of the extractor
+    extractor:str = 'resnet50_trunc' # feature extractor: resnet50_trunc (paper), resnet18_trunc, tv:<model>, timm:<model>, torchscript
+    weights:str = ''                 # local weights file of the extractor (state dict or TorchScript)
     random_weights:bool = False      # allow untrained features (demos, tests)
-    base_mpp:float = 0.              # override level-0 µm/px (0: from the slide)
-    base_magnification:float = 0.    # override level-0 objective power (0: from the slide)
-    batch_size:int = 64
+    base_mpp:float = 0.              # level-0 µm/px for slides that do not record it (0: from the slide)
+    base_magnification:float = 0.    # level-0 objective power for slides without MPP (0: from the slide)
+    batch_size:int = 64              # patches per forward pass
     num_workers:int = 4              # DataLoader workers reading tiles
-    device:str = ''                  # '' = auto
+    device:str = ''                  # '' = automatic (cuda → mps → cpu)
     amp:bool = True                  # bfloat16 autocast on CUDA
-    seed:int = 0
+    seed:int = 0                     # random seed
 
-_SAME_OUTPUT = ('magnification', 'patch_size', 'min_tissue', 'extractor', 'weights', 'random_weights', 'base_mpp',
-                'base_magnification')
+    def check(self):
+        "Raise a `ConfigError` naming the first unusable value; returns self."
+        if self.magnification <= 0: raise bad_value('magnification', self.magnification, 'a positive number')
+        if self.patch_size < 8: raise bad_value('patch_size', self.patch_size, 'at least 8 px')
+        if not 0 <= self.min_tissue <= 1: raise bad_value('min_tissue', self.min_tissue, 'a fraction in [0, 1]')
+        for name in ('base_mpp', 'base_magnification'):
+            if getattr(self, name) < 0: raise bad_value(name, getattr(self, name), '≥ 0 (0: from the slide)')
+        if self.batch_size < 1: raise bad_value('batch_size', self.batch_size, '≥ 1')
+        if self.num_workers < 0: raise bad_value('num_workers', self.num_workers, '≥ 0')
+        if self.extractor.partition(':')[0] not in EXTRACTORS:
+            raise bad_value('extractor', self.extractor, f'one of {EXTRACTORS.names()} (tv and timm as tv:<model>, timm:<model>)')
+        return self
 
 def list_slides(source:str|Path|Sequence, extensions:Sequence[str]=SLIDE_EXTENSIONS)->list[Path]:
     "Slides of a folder (by extension, sorted) or an explicit list of paths; stems must be unique."
@@ -574,23 +568,22 @@ def _check_resume(out:Path, cfg:WSIConfig, features:bool):
     own = out/('wsi_config.json' if features else 'tile_config.json')
     for saved in ([own, out/'tile_config.json'] if features else [own]):
         if not saved.exists(): continue
-        old = load_json(saved)
-        diff = [k for k in _SAME_OUTPUT if k in old and old[k] != getattr(cfg, k)
-                and (saved.name == 'wsi_config.json' or k not in _EXTRACT_ONLY)]
-        if diff: raise ConfigError(f"{out}: made with other settings ({', '.join(f'{k}={old[k]!r}' for k in diff)}); "
+        diff = {k: v for k, v in cfg.diff(load_json(saved), ignore_resumable=True).items()
+                if saved.name == 'wsi_config.json' or k not in _EXTRACT_ONLY}
+        if diff: raise ConfigError(f"{out}: made with other settings ({', '.join(f'{k}={a!r}' for k, (a, b) in diff.items())}); "
                                    f"use a new --out folder or the same settings to resume")
     if not own.exists(): save_json(cfg.to_dict(), own)
 
-def _clean_stale(folder:Path, stems:set):
-    "Remove temporary files left by a killed run (only those of this rank's slides)."
-    for p in folder.glob('.*.tmp'):
-        if p.name[1:].split('.h5.')[0] in stems: p.unlink(missing_ok=True)
+def _claim(folder:Path, stem:str)->FileLock|None:
+    "This process's claim on slide `stem` (None when another live process holds it)."
+    lock = FileLock(folder/f'.{stem}.lock')
+    return lock if lock.try_acquire() else None
 
 def process_slides(slides:str|Path|Sequence, out:str|Path, config:WSIConfig|None=None,
                    features:bool=True,        # False: tiling only (coords .h5 under patches/)
                    progress:bool=False)->pd.DataFrame:
     "Tile (+ encode) a folder of slides, recording failures and skipping finished slides; returns the manifest."
-    cfg = config or WSIConfig(); out = Path(out)
+    cfg = (config or WSIConfig()).check(); out = Path(out)
     paths = list_slides(slides)
     h5_dir = 'features' if features else 'patches'
     (out/h5_dir).mkdir(parents=True, exist_ok=True); (out/'errors').mkdir(exist_ok=True)
@@ -598,7 +591,7 @@ def process_slides(slides:str|Path|Sequence, out:str|Path, config:WSIConfig|None
     rank, world, local = dist_info()
     mine = paths[rank::world]
     if world > 1 and not cfg.device and torch.cuda.is_available(): cfg = cfg.replace(device=f'cuda:{local}')
-    _clean_stale(out/h5_dir, {p.stem for p in mine})
+    remove_stale_temps(out/h5_dir)                  # temporary files of killed processes (live ones' are kept)
     todo = [p for p in mine if not (out/h5_dir/f'{p.stem}.h5').exists()]
     log.info('%d slides, %d already done, %d to process (rank %d/%d)', len(mine), len(mine) - len(todo), len(todo), rank, world)
     extractor = None
@@ -608,7 +601,10 @@ def process_slides(slides:str|Path|Sequence, out:str|Path, config:WSIConfig|None
     rows = {p.stem: manifest_row(p, out, h5_dir) for p in paths}
     from tqdm.auto import tqdm
     for p in tqdm(todo, desc='slides', disable=not progress):
-        err = out/'errors'/f'{p.stem}.json'
+        err, claim = out/'errors'/f'{p.stem}.json', _claim(out/h5_dir, p.stem)
+        if claim is None: log.info('%s: being processed by another process, skipped', p.name); continue
+        if (out/h5_dir/f'{p.stem}.h5').exists():       # another process finished it since the listing
+            claim.release(); rows[p.stem] = manifest_row(p, out, h5_dir); continue
         try:
             tiled = out/'patches'/f'{p.stem}.h5'
             process_slide(p, out/h5_dir, cfg, extractor, tiled if features and tiled.exists() else None)
@@ -618,6 +614,33 @@ def process_slides(slides:str|Path|Sequence, out:str|Path, config:WSIConfig|None
             msg = str(e) if isinstance(e, MedssmError) else f'{type(e).__name__}: {e}'
             save_json(dict(slide=p.stem, path=str(p), stage=getattr(e, 'stage', 'unknown'), error=msg), err)
             log.warning('%s: failed at %s: %s', p.name, getattr(e, 'stage', '?'), msg)
+        finally: claim.release()
         rows[p.stem] = manifest_row(p, out, h5_dir)
         write_manifest(paths, out, h5_dir, rows)
     return write_manifest(paths, out, h5_dir)     # a full rescan: picks up the slides of other ranks
+
+# %% ../../nbs/15_wsi.ipynb
+def bench_wsi(n_patches:int=256,           # patches read and encoded
+              batch_size:int=64, num_workers:int=4,
+              extractor:str='resnet50_trunc', # a registered extractor (random weights: only speed matters)
+              magnification:float=40.,     # patch magnification on the demo slide
+              device:str|None=None, seed:int=0)->dict:
+    "Tiling, extraction and bare-model throughput (patches/s) on the demo slide."
+    import tempfile
+    from medssm.bench import median_ms
+    seed_everything(seed); dev = get_device(device)
+    with tempfile.TemporaryDirectory() as d:
+        path = make_demo_slide(Path(d)/'demo.tiff'); slide = open_slide(path)
+        grid = patch_grid(slide, patch_spec(slide, 256, magnification), min_tissue=0.)
+        coords = np.resize(grid.coords, (n_patches, 2))
+        ext = create_extractor(extractor, random_weights=True)
+        tiling = median_ms(lambda: [None for _ in patch_loader(path, coords, grid.spec, batch_size, num_workers)], 1, 0)
+        model = ext.model.to(dev)
+        x = torch.randint(0, 255, (batch_size, 256, 256, 3), dtype=torch.uint8)          # (B, s, s, 3)
+        with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == 'cuda'):
+            per_batch = median_ms(lambda: model(ext.preprocess(x.to(dev))), max(1, n_patches // batch_size), 1, dev)
+        extract = median_ms(lambda: extract_features(path, coords, grid.spec, ext, batch_size, num_workers, dev), 1, 0, dev)
+    rate = lambda n, ms: round(n / (ms / 1000), 2)
+    return dict(tiling_patches_per_s=rate(n_patches, tiling), extract_patches_per_s=rate(n_patches, extract),
+                model_patches_per_s=rate(batch_size, per_batch), extract_vs_model=round(per_batch / batch_size * n_patches / extract, 3),
+                device=str(dev), extractor=extractor, batch_size=batch_size, num_workers=num_workers, n_patches=n_patches)

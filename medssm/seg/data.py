@@ -9,27 +9,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from scipy import ndimage
 from torchvision.transforms import v2
 from torchvision import tv_tensors
-from ..core import InputError, ConfigError
+from ..core import InputError, ConfigError, atomic_path, stable_hash
+from ..data import IMAGE_SUFFIXES, read_image, check_all, check_array
+from ..runs import data_record, fingerprint_files
 
 # %% auto 0
-__all__ = ['IMAGE_EXTS', 'PAPER_SPLIT', 'PHANTOM_SIZES', 'read_image', 'binarize_mask', 'read_mask', 'load_pair', 'scan_busi',
-           'scan_folder', 'scan_dataset', 'split_cases', 'seg_augment', 'SegDataset', 'make_phantom', 'phantom_cases',
-           'write_phantom_folder']
+__all__ = ['PAPER_SPLIT', 'SUBSETS', 'PHANTOM_SIZES', 'PHANTOM_VERSION', 'binarize_mask', 'read_mask', 'load_pair', 'to_unit',
+           'scan_busi', 'scan_folder', 'scan_dataset', 'split_cases', 'split_names', 'seg_augment', 'SegDataset',
+           'make_phantom', 'phantom_cases', 'write_phantom_folder', 'CaseSet', 'load_cases', 'cases_from_record']
 
 # %% ../../nbs/21_seg_data.ipynb
-IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
-
-def read_image(path:str|Path)->np.ndarray:  # (H, W, 3) uint8
-    "Read an image file as RGB uint8."
-    try:
-        with Image.open(path) as im: return np.asarray(im.convert('RGB'))
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-        raise InputError(f"cannot read image {path}: {e}") from e
-
 def binarize_mask(a:np.ndarray,        # (H, W) or (H, W, C) mask values
                   name:str='mask',     # file name for the error message
                   allow_empty:bool=False,
@@ -45,16 +38,16 @@ def binarize_mask(a:np.ndarray,        # (H, W) or (H, W, C) mask values
     return m
 
 def read_mask(path:str|Path, allow_empty:bool=False)->np.ndarray:  # (H, W) bool
-    "Read and binarise a mask file."
-    try:
-        with Image.open(path) as im: a = np.asarray(im.convert('L') if im.mode in ('P', 'I', 'I;16', 'F') else im)
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-        raise InputError(f"cannot read mask {path}: {e}") from e
-    return binarize_mask(a, str(path), allow_empty)
+    "Read a mask file with `medssm.data.read_image` (values as stored) and binarise it."
+    return binarize_mask(read_image(path, mode='any'), str(path), allow_empty)
 
-def load_pair(image:str|Path, masks:list, allow_empty:bool=False)->tuple[np.ndarray, np.ndarray]:
+def load_pair(image:str|Path,          # image file
+              masks:list,              # its mask files (merged: BUSI stores extra lesions as _mask_1, ...)
+              allow_empty:bool=False,
+             )->tuple[np.ndarray, np.ndarray]:  # (H, W, 3) uint8/uint16 image, (H, W) bool mask
     "Read an image and the union of its mask files; their sizes must agree."
-    img = read_image(image)
+    img = read_image(image, mode='rgb')
+    check_array(img, str(image))                       # finite values (float TIFFs), not empty
     ms = [read_mask(m, allow_empty=True) for m in masks]
     for m, p in zip(ms, masks):
         if m.shape != img.shape[:2]:
@@ -62,6 +55,11 @@ def load_pair(image:str|Path, masks:list, allow_empty:bool=False)->tuple[np.ndar
     mask = np.logical_or.reduce(ms)
     if not allow_empty and not mask.any(): raise InputError(f"mask {masks[0]} of image {image} is empty")
     return img, mask
+
+def to_unit(img:np.ndarray)->np.ndarray:  # float32, same shape, in [0, 1]
+    "An image as float32 in [0, 1], from its stored type (uint8 /255, uint16 /65535, floats as they are)."
+    scale = np.iinfo(img.dtype).max if np.issubdtype(img.dtype, np.integer) else 1.0
+    return img.astype(np.float32) / np.float32(scale)
 
 # %% ../../nbs/21_seg_data.ipynb
 def _patients(root:Path, stems:list[str], patient_regex:str|None)->list[str]:
@@ -83,7 +81,7 @@ def _patients(root:Path, stems:list[str], patient_regex:str|None)->list[str]:
     return out
 
 def _images_in(d:Path)->list[Path]:
-    return sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith('.'))
+    return sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith('.'))
 
 def scan_busi(root:str|Path,                                  # folder holding benign/, malignant/, (normal/)
               classes:tuple[str, ...]|None=None,              # class folders; None: every subfolder but normal/
@@ -151,6 +149,12 @@ def split_cases(cases:list[dict],                     # each with a 'patient' ke
     for c in cases: out[sets.get(c.get('patient', c['name']), 0)].append(c)
     return out
 
+SUBSETS = ('train', 'val', 'test')
+
+def split_names(cases:list[dict], fractions:tuple=PAPER_SPLIT, seed:int=0)->dict[str, list[str]]:
+    "The patient-grouped split as case names per subset: what a run folder stores and `eval` reads back."
+    return {k: [c['name'] for c in part] for k, part in zip(SUBSETS, split_cases(cases, fractions, seed))}
+
 # %% ../../nbs/21_seg_data.ipynb
 def seg_augment(p_affine:float=0.5)->v2.Transform:
     "Random flips and affine map applied jointly to (image, `tv_tensors.Mask`)."
@@ -166,20 +170,25 @@ class SegDataset(torch.utils.data.Dataset):
                  augment:v2.Transform|bool|None=None,  # True: `seg_augment()`; a transform; None/False: none
                  allow_empty:bool=False):
         if not cases: raise InputError("SegDataset got no cases")
+        if size < 1: raise ConfigError(f"--size {size}: expected a positive image side")
         self.cases, self.size, self.allow_empty = list(cases), int(size), allow_empty
         self.augment = seg_augment() if augment is True else (augment or None)
         self._cache: dict[int, tuple] = {}
     def __len__(self): return len(self.cases)
     def original(self, i:int)->tuple[np.ndarray, np.ndarray]:
-        "(image (H, W, 3) uint8, mask (H, W) bool) at the original size."
+        "(image (H, W, 3) as stored (uint8, uint16), mask (H, W) bool) at the original size."
         if i not in self._cache:
             c = self.cases[i]
             if 'image_array' in c: img, m = c['image_array'], binarize_mask(c['mask_array'], c['name'], self.allow_empty)
             else: img, m = load_pair(c['image'], c['masks'], self.allow_empty)
             self._cache[i] = (img, m, self._resized(img, m))
         return self._cache[i][:2]
+    def validate(self, what:str='image/mask pairs')->int:
+        "Read and check every case (kept in the cache); one `InputError` listing all bad ones. Returns the count."
+        index = {c['name']: i for i, c in enumerate(self.cases)}
+        return check_all(index, lambda name: self.original(index[name]), what)
     def _resized(self, img, m):
-        x = torch.tensor(img).permute(2, 0, 1)[None].float() / 255   # (1, 3, H, W)
+        x = torch.from_numpy(to_unit(img)).permute(2, 0, 1)[None]       # (1, 3, H, W) in [0, 1]
         x = F.interpolate(x, size=(self.size, self.size), mode='bilinear', align_corners=False)[0].clamp_(0, 1)
         y = F.interpolate(torch.from_numpy(m)[None, None].float(), size=(self.size, self.size), mode='nearest')[0]
         return x, y                                                                             # (3, S, S), (1, S, S)
@@ -260,11 +269,11 @@ def phantom_cases(n_patients:int,      # patients; each gives two views (front a
                               mask_array=m, synthetic=True))
     return cases
 
-def write_phantom_folder(root:str|Path, n_patients:int, seed:int=0, layout:str='busi')->Path:
+def write_phantom_folder(root:str|Path, n_patients:int, seed:int=0, layout:str='busi',
+                         size:tuple[int, int]|None=None)->Path:  # (H, W); None: the paper's sizes
     "Write phantoms as PNG files in the BUSI (`synthetic/x.png` + `x_mask.png`) or generic layout."
-    from medssm.core import atomic_path
     root = Path(root)
-    for c in phantom_cases(n_patients, seed):
+    for c in phantom_cases(n_patients, seed, size):
         if layout == 'busi': ip, mp = root / 'synthetic' / f"{c['name']}.png", root / 'synthetic' / f"{c['name']}_mask.png"
         elif layout == 'folder': ip, mp = root / 'images' / f"{c['name']}.png", root / 'masks' / f"{c['name']}.png"
         else: raise ConfigError(f"layout must be 'busi' or 'folder', got {layout!r}")
@@ -272,3 +281,54 @@ def write_phantom_folder(root:str|Path, n_patients:int, seed:int=0, layout:str='
             p.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(p) as tmp: Image.fromarray(a).save(tmp, format='PNG')
     return root
+
+# %% ../../nbs/21_seg_data.ipynb
+PHANTOM_VERSION = 1  # bump when `make_phantom` changes its pixels: old phantom runs then refuse to resume
+
+class CaseSet(list):
+    "Cases of one data source, with the data record a run stores (source, fingerprint, how to rebuild them)."
+    def __init__(self, cases:list[dict], record:dict):
+        super().__init__(cases)
+        names = [c['name'] for c in cases]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})[:5]
+            raise InputError(f"{record.get('source')}: several images share the name(s) {dup}; names must be unique")
+        self.record = record
+    @property
+    def fingerprint(self)->str: return self.record['fingerprint']
+    def select(self, names:list[str])->list[dict]:
+        "The cases called `names`, in that order; an `InputError` lists names this data does not have."
+        by_name = {c['name']: c for c in self}
+        missing = [n for n in names if n not in by_name]
+        if missing: raise InputError(f"{self.record.get('source')}: {len(missing)} case(s) of the split are not in the data: {missing[:5]}")
+        return [by_name[n] for n in names]
+
+def load_cases(data:str='phantoms',             # 'phantoms' or a dataset folder (BUSI or images/ + masks/)
+               layout:str='auto',               # folder layout: 'auto', 'busi' or 'folder'
+               patient_regex:str|None=None,     # first group of a match on an image stem = its patient
+               patients:int=40,                 # phantoms: patients (2 images each)
+               seed:int=0,                      # phantoms: generator seed
+               size:tuple[int, int]|list|None=None, # phantoms: (H, W); None: the paper's 380×646 / 432×646
+              )->CaseSet:
+    "The cases of a data source, with their data record."
+    if data == 'phantoms':
+        if patients < 3: raise ConfigError(f"--patients {patients}: expected ≥ 3 (one per train/val/test at least)")
+        size = tuple(size) if size else None
+        if size is not None and (len(size) != 2 or min(size) < 16):
+            raise ConfigError(f"--phantom-size {' '.join(map(str, size))}: expected two sides H W of at least 16 pixels")
+        params = dict(generator='make_phantom', version=PHANTOM_VERSION, n_patients=patients, seed=seed,
+                      size=list(size) if size else None)
+        return CaseSet(phantom_cases(patients, seed, size), data_record('phantoms', stable_hash(params), **params))
+    root = Path(data)
+    if not data or not root.is_dir(): raise InputError(f"--data {data!r}: no such folder (or use 'phantoms')")
+    if layout == 'auto': layout = 'folder' if (root / 'images').is_dir() else 'busi'
+    cases = scan_dataset(root, layout, patient_regex or None)
+    files = [p for c in cases for p in [c['image'], *c['masks']]]
+    rec = data_record(str(root.resolve()), fingerprint_files(files, root), layout=layout, patient_regex=patient_regex or None)
+    return CaseSet(cases, rec)
+
+def cases_from_record(record:dict)->CaseSet:
+    "Rebuild a run's cases from its data record (the `load_data` of the 'seg' run kind)."
+    if record.get('source') == 'phantoms':
+        return load_cases('phantoms', patients=record['n_patients'], seed=record['seed'], size=record.get('size'))
+    return load_cases(record['source'], record.get('layout', 'auto'), record.get('patient_regex'))

@@ -4,52 +4,42 @@
 
 # %% ../../nbs/20_seg_models.ipynb 2
 from __future__ import annotations
+import functools
 from pathlib import Path
-from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from ..core import InputError, ConfigError
+from ..core import ConfigError
+from ..registry import Registry
+from ..weights import load_weights
+from ..train import count_params
 
 # %% auto 0
-__all__ = ['MODELS', 'PAPER_PARAMS', 'UNET_VARIANTS', 'BASELINES', 'register_model', 'create_model', 'list_models',
-           'count_params', 'effective_group_size', 'ConvSet', 'DoubleConv', 'Down', 'Up', 'UNet', 'unet', 'light_unet',
-           'lighter_unet', 'parse_variant', 'create_variant', 'load_backbone_weights', 'FCN', 'fcn32s', 'fcn16s',
-           'fcn8s', 'ASPP', 'DeepLabV3Plus', 'deeplabv3plus_resnet101', 'deeplabv3plus_mobilenet']
+__all__ = ['MODELS', 'PAPER_PARAMS', 'UNET_VARIANTS', 'BASELINES', 'create_model', 'list_models', 'effective_group_size',
+           'ConvSet', 'DoubleConv', 'Down', 'Up', 'UNet', 'unet', 'light_unet', 'lighter_unet', 'variant_params', 'FCN',
+           'fcn', 'ASPP', 'DeepLabV3Plus', 'deeplabv3plus_resnet101', 'deeplabv3plus_mobilenet', 'check_input_size']
 
 # %% ../../nbs/20_seg_models.ipynb
-MODELS: dict[str, Callable[..., nn.Module]] = {}
+MODELS = Registry('seg model')
 
-def register_model(name:str):  # the name `create_model` knows the builder by
-    "Decorator: register a model builder under `name`."
-    def deco(fn):
-        MODELS[name] = fn
-        return fn
-    return deco
-
-def create_model(name:str,  # a registered name, see `list_models()`
-                 **kw,      # passed to the builder (e.g. `group_size=128`, `in_channels=3`, `num_classes=1`)
+def create_model(name:str,  # a registered name or variant, see `list_models()` (e.g. 'unet', 'lighter_unet@128')
+                 **kw,      # options of the model (e.g. `width=8`, `num_classes=1`, `backbone_weights='vgg16.pth'`)
                 )->nn.Module:
     "Build the segmentation model registered as `name`."
-    if name not in MODELS:
-        raise ConfigError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
-    return MODELS[name](**kw)
+    return MODELS.create(name, **kw)
 
-def list_models()->list[str]:
-    "Names `create_model` accepts."
-    return sorted(MODELS)
-
-def count_params(model:nn.Module)->int:
-    "Trainable parameters, counted as the paper counts them (Table 2)."
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def list_models(pattern:str='*', # shell-style filter, e.g. 'deeplab*'
+               )->list[str]:
+    "Names `create_model` accepts (variants of `lighter_unet` are written `lighter_unet@C`)."
+    return MODELS.names(pattern)
 
 # %% ../../nbs/20_seg_models.ipynb
 def effective_group_size(in_ch:int,  # input channels of the conv set
                          C:int,      # the model's group size C
                         )->int:
     "Channels convolved together in a group conv set (Sec. 3.2: 3 for the RGB layer unless C=1, else min(i, C))."
-    if C < 1: raise ConfigError(f"group_size must be >= 1, got {C}")
+    if C < 1: raise ConfigError(f"group size {C}: expected ≥ 1 (e.g. lighter_unet@128)")
     if in_ch == 3 and C != 1: return 3
     c = min(in_ch, C)
     if in_ch % c: raise ConfigError(f"group size {c} does not divide {in_ch} input channels")
@@ -98,6 +88,7 @@ class UNet(nn.Module):
                  dropout:float=0.5,         # dropout on the bottleneck
                  width:int=64):             # channels of the first block (64 in the paper; smaller for quick runs)
         super().__init__()
+        if width < 1: raise ConfigError(f"width {width}: expected ≥ 1 (64 in the paper)")
         s, w = dict(set1=set1, set2=set2), width
         self.inc = DoubleConv(in_channels, w, w, **s)                               # (B, w, H, W)
         self.downs = nn.ModuleList([Down(w, 2 * w, **s), Down(2 * w, 4 * w, **s),  # (B, 2w, H/2), (B, 4w, H/4)
@@ -113,17 +104,21 @@ class UNet(nn.Module):
         for up in self.ups: x = up(x, skips.pop())                                  # concat skip, double conv
         return self.outc(x)                                                         # (B, 1, H, W) logits
 
-@register_model('unet')
-def unet(**kw): "U-Net: both sets regular (17,267,393 params)."; return UNet(**kw)
+@MODELS.register('unet')
+def unet(in_channels:int=3, num_classes:int=1, dropout:float=0.5, width:int=64):
+    "U-Net: both sets regular (17,267,393 params)."
+    return UNet(in_channels, num_classes, None, None, dropout, width)
 
-@register_model('light_unet')
-def light_unet(**kw): "Light U-Net: set 1 regular, set 2 depthwise separable (C=1)."; return UNet(set1=None, set2=1, **kw)
+@MODELS.register('light_unet')
+def light_unet(in_channels:int=3, num_classes:int=1, dropout:float=0.5, width:int=64):
+    "Light U-Net: set 1 regular, set 2 depthwise separable (C=1)."
+    return UNet(in_channels, num_classes, None, 1, dropout, width)
 
-@register_model('lighter_unet')
-def lighter_unet(group_size:int=128,  # C: channels convolved together in each group conv
-                 **kw):
+@MODELS.register('lighter_unet', variant='group_size')
+def lighter_unet(group_size:int=128,  # C: channels convolved together in each group conv ('lighter_unet@C')
+                 in_channels:int=3, num_classes:int=1, dropout:float=0.5, width:int=64):
     "Lighter U-Net@C: both sets group convs with group size C."
-    return UNet(set1=group_size, set2=group_size, **kw)
+    return UNet(in_channels, num_classes, group_size, group_size, dropout, width)
 
 # %% ../../nbs/20_seg_models.ipynb
 PAPER_PARAMS = {  # Table 2 / Sec. 4.1 of the paper
@@ -133,34 +128,20 @@ PAPER_PARAMS = {  # Table 2 / Sec. 4.1 of the paper
     'lighter_unet@2': 2_031_445, 'lighter_unet@1': 1_983_583,
     'fcn8s': 18_600_000, 'deeplabv3plus_resnet101': 54_700_000}  # the last two rounded in the paper's text
 
-def parse_variant(variant:str)->tuple[str, dict]:
-    "'lighter_unet@128' -> ('lighter_unet', {'group_size': 128}); other names pass through."
-    name, _, c = variant.partition('@')
-    if not c: return name, {}
-    if not c.isdigit(): raise ConfigError(f"bad group size in {variant!r}; expected e.g. 'lighter_unet@128'")
-    return name, dict(group_size=int(c))
-
-def create_variant(variant:str, **kw)->nn.Module:
-    "`create_model` from a variant string such as 'lighter_unet@128'."
-    name, extra = parse_variant(variant)
-    return create_model(name, **extra, **kw)
-
 UNET_VARIANTS = ['unet', 'light_unet'] + [f'lighter_unet@{c}' for c in (128, 64, 32, 16, 8, 4, 2, 1)]
 
+def variant_params(name:str, # a registered name or variant
+                   **kw,     # model options (e.g. `width=8`)
+                  )->int:    # trainable parameters, as Table 2 counts them
+    "Trainable parameters of a model built by name, counted on the meta device (no memory, no initialisation)."
+    with torch.device('meta'): m = create_model(name, **kw)
+    return count_params(m)
+
 # %% ../../nbs/20_seg_models.ipynb
-def load_backbone_weights(net:nn.Module,          # the full torchvision network (with its classifier)
-                          path:str|Path|None,     # torchvision state-dict file, or None for random init
-                         )->nn.Module:
-    "Load a local torchvision state dict into `net`; a clear error names the file when it cannot."
-    if path is None: return net
-    path = Path(path)
-    if not path.is_file(): raise InputError(f"backbone weights file {path} does not exist")
-    try: sd = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e: raise InputError(f"cannot read backbone weights {path}: {e}") from e
-    if isinstance(sd, dict) and 'state_dict' in sd: sd = sd['state_dict']
-    try: net.load_state_dict(sd)
-    except RuntimeError as e:
-        raise InputError(f"backbone weights {path} do not fit {type(net).__name__}: {str(e)[:300]}") from e
+def _with_backbone(net:nn.Module,       # the full torchvision network (with its classifier)
+                   path:str|Path|None,  # torchvision state-dict file, or None/'' for random init
+                  )->nn.Module:
+    if path: load_weights(net, path, name=f'backbone weights {path}')
     return net
 
 # %% ../../nbs/20_seg_models.ipynb
@@ -173,7 +154,7 @@ class FCN(nn.Module):
         if stride not in (32, 16, 8): raise ConfigError(f"FCN stride must be 32, 16 or 8, got {stride}")
         if in_channels != 3: raise ConfigError("FCN's VGG16 backbone takes 3-channel images")
         self.stride = stride
-        vgg = load_backbone_weights(torchvision.models.vgg16(), backbone_weights)
+        vgg = _with_backbone(torchvision.models.vgg16(), backbone_weights)
         f = vgg.features  # pools at indices 4, 9, 16, 23, 30
         self.stages = nn.ModuleList([f[:5], f[5:10], f[10:17], f[17:24], f[24:31]])  # outputs at H/2 … H/32
         chans = [512, 512, 256, 128, 64, 32]
@@ -192,12 +173,12 @@ class FCN(nn.Module):
             x = bn(x)
         return self.classifier(x)                          # (B, 1, H, W)
 
-@register_model('fcn32s')
-def fcn32s(**kw): "FCN-32s (VGG16)."; return FCN(32, **kw)
-@register_model('fcn16s')
-def fcn16s(**kw): "FCN-16s (VGG16)."; return FCN(16, **kw)
-@register_model('fcn8s')
-def fcn8s(**kw): "FCN-8s (VGG16)."; return FCN(8, **kw)
+@MODELS.register('fcn8s', stride=8)      # decorators apply bottom-up: registered as 32s, 16s, 8s
+@MODELS.register('fcn16s', stride=16)
+@MODELS.register('fcn32s', stride=32)
+def fcn(stride:int=8, in_channels:int=3, num_classes:int=1, backbone_weights:str|Path|None=None):
+    "FCN-32s/16s/8s (VGG16)."
+    return FCN(stride, in_channels, num_classes, backbone_weights)
 
 # %% ../../nbs/20_seg_models.ipynb
 def _cbr(i, o, k=1, d=1):
@@ -231,11 +212,11 @@ class DeepLabV3Plus(nn.Module):
         y = self.decoder(torch.cat([hi, self.reduce(lo)], 1))                 # (B, 1, H/4, W/4)
         return F.interpolate(y, size=x.shape[-2:], mode='bilinear', align_corners=True)  # (B, 1, H, W)
 
-@register_model('deeplabv3plus_resnet101')
-def deeplabv3plus_resnet101(in_channels:int=3, num_classes:int=1, backbone_weights=None):
+@MODELS.register('deeplabv3plus_resnet101')
+def deeplabv3plus_resnet101(in_channels:int=3, num_classes:int=1, backbone_weights:str|Path|None=None):
     "DeepLabv3+ on torchvision's ResNet-101, layer4 dilated (output stride 16)."
     if in_channels != 3: raise ConfigError("DeepLabv3+ backbones take 3-channel images")
-    r = load_backbone_weights(torchvision.models.resnet101(replace_stride_with_dilation=[False, False, True]), backbone_weights)
+    r = _with_backbone(torchvision.models.resnet101(replace_stride_with_dilation=[False, False, True]), backbone_weights)
     low = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool, r.layer1)          # (B, 256, H/4)
     return DeepLabV3Plus(low, nn.Sequential(r.layer2, r.layer3, r.layer4), 256, 2048, num_classes)
 
@@ -245,12 +226,33 @@ def _dilate_(module:nn.Module, dilation:int=2):
         if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
             m.stride, m.dilation, m.padding = (1, 1), (dilation, dilation), (dilation, dilation)
 
-@register_model('deeplabv3plus_mobilenet')
-def deeplabv3plus_mobilenet(in_channels:int=3, num_classes:int=1, backbone_weights=None):
+@MODELS.register('deeplabv3plus_mobilenet')
+def deeplabv3plus_mobilenet(in_channels:int=3, num_classes:int=1, backbone_weights:str|Path|None=None):
     "DeepLabv3+ on torchvision's MobileNetV2 features, the last stride-2 stage dilated (output stride 16)."
     if in_channels != 3: raise ConfigError("DeepLabv3+ backbones take 3-channel images")
-    f = load_backbone_weights(torchvision.models.mobilenet_v2(), backbone_weights).features
+    f = _with_backbone(torchvision.models.mobilenet_v2(), backbone_weights).features
     _dilate_(f[14:18])                                                        # blocks 14-17 at H/16 instead of H/32
     return DeepLabV3Plus(f[:4], f[4:18], 24, 320, num_classes)               # (B, 24, H/4), (B, 320, H/16)
 
-BASELINES = ['fcn32s', 'fcn16s', 'fcn8s', 'deeplabv3plus_resnet101', 'deeplabv3plus_mobilenet']
+BASELINES = list_models('fcn*') + list_models('deeplab*')
+
+# %% ../../nbs/20_seg_models.ipynb
+@functools.lru_cache(maxsize=64)
+def _size_problem(name:str, size:int, width:int|None)->str|None:
+    "Why `name` cannot segment size×size images (None when it can); shapes only, on the meta device."
+    kw = {} if width is None else dict(width=width)
+    try:
+        with torch.device('meta'), torch.no_grad():
+            y = create_model(name, **kw).eval()(torch.zeros(1, 3, size, size))
+    except ConfigError: raise
+    except (RuntimeError, ValueError) as e: return str(e).splitlines()[0][:160]
+    return None if tuple(y.shape[-2:]) == (size, size) else f"its output is {tuple(y.shape[-2:])}, not ({size}, {size})"
+
+def check_input_size(name:str,           # a registered name or variant
+                     size:int,           # side of the square input
+                     width:int|None=None, # U-Net width (None: the model's default or a model without width)
+                    ):
+    "Raise a `ConfigError` unless `name` maps (1, 3, size, size) images to (1, 1, size, size) logits."
+    if size < 1: raise ConfigError(f"--size {size}: expected a positive image side (256 in the paper)")
+    why = _size_problem(name, int(size), width)
+    if why: raise ConfigError(f"--size {size}: {name} cannot take {size}×{size} images ({why})")

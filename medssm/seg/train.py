@@ -4,23 +4,27 @@
 
 # %% ../../nbs/23_seg_train.ipynb 2
 from __future__ import annotations
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Literal
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from ..core import Config, ConfigError, RunDir, derive_seed, seed_everything
-from ..train import FitConfig, fit, predict
-from ..metrics import summarize
-from .models import create_variant, count_params, BASELINES
-from .data import SegDataset
+from ..core import Config, ConfigError, derive_seed, get_device, seed_everything
+from ..train import FitConfig, FitResult, count_params, fit, predict
+from ..metrics import summarize, write_csv
+from ..runs import Run, register_run_kind
+from .models import MODELS, create_model, check_input_size
+from .data import SUBSETS, CaseSet, SegDataset, cases_from_record
 from .metrics import dice_batch, postprocess, score_case
 
 # %% auto 0
-__all__ = ['LOSSES', 'WD_GRID', 'LADDER', 'dice_loss', 'bce_loss', 'get_loss', 'seg_step', 'SegConfig', 'quick_config',
-           'train_seg', 'predict_probs', 'evaluate_seg', 'run_recipe', 'ladder_configs', 'run_ladder']
+__all__ = ['LOSSES', 'WD_GRID', 'LADDER', 'dice_loss', 'bce_loss', 'get_loss', 'seg_step', 'recipe_fit', 'SegConfig',
+           'quick_config', 'train_seg', 'predict_probs', 'evaluate_seg', 'summarize_cases', 'train_seg_run',
+           'run_recipe', 'ladder_configs', 'run_ladder']
 
 # %% ../../nbs/23_seg_train.ipynb
 def dice_loss(logits:torch.Tensor,  # (B, 1, H, W) raw scores
@@ -36,7 +40,7 @@ LOSSES = {'dice': dice_loss, 'bce': bce_loss, 'bce+dice': lambda l, t: bce_loss(
 
 def get_loss(name:str):
     "A loss function by name ('dice', 'bce' or 'bce+dice')."
-    if name not in LOSSES: raise ConfigError(f"loss={name!r}: expected one of {sorted(LOSSES)}")
+    if name not in LOSSES: raise ConfigError(f"--loss {name}: expected one of {sorted(LOSSES)}")
     return LOSSES[name]
 
 # %% ../../nbs/23_seg_train.ipynb
@@ -51,90 +55,157 @@ def seg_step(loss:str='dice'):
 # %% ../../nbs/23_seg_train.ipynb
 WD_GRID = (1e-2, 1e-3, 1e-4, 1e-5, 0.0)  # weight decays tried per model (Sec. 4.1)
 
+def recipe_fit()->FitConfig:
+    "The reference code's training loop (Sec. 4.2): what `SegConfig().fit` holds."
+    return FitConfig(max_epochs=200, batch_size=8, lr=1e-4, optimizer='adam', weight_decay=1e-4,
+                     plateau_factor=0.5, plateau_patience=5, monitor='val_loss', mode='min',
+                     early_stop_patience=15, early_stop_min_epochs=50, amp=False, progress=False)
+
 @dataclass
 class SegConfig(Config):
-    model: str = 'unet'                 # registry name or variant, e.g. 'lighter_unet@128'
-    width: int = 64                     # U-Net first-block channels (64 in the paper)
-    size: int = 256                     # training size S×S (Sec. 3.1)
-    loss: str = 'dice'                  # 'dice', 'bce' or 'bce+dice'
-    augment: bool = True                # flips + affine (training only)
-    optimizer: str = 'adam'             # 'adam' or 'sgd'
-    lr: float = 1e-4                    # learning rate
-    momentum: float = 0.9               # SGD momentum
-    batch_size: int = 8
-    weight_decay: float = 1e-4          # tuned per model in WD_GRID; 1e-4 for U-Net
-    plateau_factor: float = 0.5         # ReduceLROnPlateau on val loss (0 = fixed lr)
-    plateau_patience: int = 5
-    early_stop_patience: int = 15       # epochs without val-loss improvement (0 = off)
-    early_stop_min_epochs: int = 50     # never stop before this epoch
-    max_epochs: int = 200
-    steps_per_epoch: int = 0            # batches per epoch (0 = all)
-    seed: int = 0                       # init, data order and augmentation
-    device: str = ''                    # '' = automatic
-    backbone_weights: str = ''          # local torchvision weights for FCN / DeepLab backbones
-    progress: bool = False              # progress bars
+    model: str = 'unet'                 # model name or variant, e.g. unet, light_unet, lighter_unet@128, fcn8s
+    width: int = 64                     # U-Net first-block channels (64 in the paper; baselines have fixed widths)
+    size: int = 256                     # training size S×S in pixels (Sec. 3.1)
+    loss: Literal['dice', 'bce', 'bce+dice'] = 'dice'   # training loss (Sec. 4.2)
+    augment: bool = True                # flips + affine on training images (Sec. 3.1)
+    backbone_weights: str = ''          # local torchvision weights file for the FCN / DeepLab backbones
+    fit: FitConfig = field(default_factory=recipe_fit)  # the training loop (Adam 1e-4, batch 8, plateau, early stop)
 
-    def build_model(self)->nn.Module:
-        "The model, initialised from the seed."
-        seed_everything(derive_seed(self.seed, 'model'))
-        kw = {} if self.model in BASELINES else dict(width=self.width)        # baselines have fixed widths
-        if self.backbone_weights: kw['backbone_weights'] = self.backbone_weights
-        return create_variant(self.model, **kw)
+    def check(self):
+        "Raise a `ConfigError` naming the flag of the first unusable value; returns self."
+        super().check()
+        if self.width < 1: raise ConfigError(f"--width {self.width}: expected ≥ 1 (64 in the paper)")
+        get_loss(self.loss)
+        if not self.fit.restore_best:
+            raise ConfigError("--no-restore-best: paper 2 scores the best epoch's weights; restore_best must stay on")
+        try: MODELS.split(self.model)
+        except ConfigError as e: raise ConfigError(f"--model {self.model}: {e}") from None
+        try: check_input_size(self.model, self.size, self.model_kwargs(pretrained=False).get('width'))
+        except ConfigError as e:
+            if str(e).startswith('--size'): raise
+            raise ConfigError(f"--model {self.model} (width {self.width}): {e}") from None
+        return self
 
-    def fit_config(self)->FitConfig:
-        "The engine's loop settings for this recipe."
-        if self.optimizer not in ('adam', 'sgd', 'adamw'): raise ConfigError(f"optimizer={self.optimizer!r}: expected 'adam' or 'sgd'")
-        return FitConfig(max_epochs=self.max_epochs, batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer,
-                         momentum=self.momentum, weight_decay=self.weight_decay, monitor='val_loss', mode='min',
-                         early_stop_patience=self.early_stop_patience, early_stop_min_epochs=self.early_stop_min_epochs,
-                         plateau_factor=self.plateau_factor, plateau_patience=self.plateau_patience, seed=self.seed,
-                         device=self.device, progress=self.progress, steps_per_epoch=self.steps_per_epoch, amp=False)
+    def model_kwargs(self, pretrained:bool=True)->dict:
+        "Options `create_model` gets: the width for models that take one, the backbone file if set and `pretrained`."
+        opts = MODELS[self.model].options()
+        kw = dict(width=self.width) if 'width' in opts else {}
+        if pretrained and self.backbone_weights: kw['backbone_weights'] = self.backbone_weights
+        return kw
 
-def quick_config(**kw)->SegConfig:
-    "The recipe at test size: narrow models, 64² images, a few epochs."
-    return SegConfig(width=8, size=64, max_epochs=3, early_stop_min_epochs=0).replace(**kw)
+    def build_model(self, pretrained:bool=True)->nn.Module:
+        "The model, initialised from the seed (and from the backbone file when `pretrained`)."
+        seed_everything(derive_seed(self.fit.seed, 'model'))
+        return create_model(self.model, **self.model_kwargs(pretrained))
+
+def quick_config(changes:dict|None=None, **kw)->SegConfig:
+    "The recipe at test size: width-8 models, 64² images, 3 epochs, no minimum before early stopping."
+    return SegConfig(width=8, size=64).replace(max_epochs=3, early_stop_min_epochs=0).replace(changes, **kw)
 
 # %% ../../nbs/23_seg_train.ipynb
-def train_seg(cfg:SegConfig,                 # recipe
-              train_cases:list, val_cases:list,
-              run:RunDir|str|Path|None=None, # run folder: checkpoints, metrics.jsonl; resumes when it exists
-             ):
-    "Train `cfg.model` on the cases with the shared fit loop; returns the engine's `FitResult`."
-    model = cfg.build_model()
-    tr = SegDataset(train_cases, cfg.size, augment=cfg.augment)
-    va = SegDataset(val_cases, cfg.size)
-    return fit(model, tr, va, config=cfg.fit_config(), step=seg_step(cfg.loss), metrics={'dice': dice_batch}, run=run)
+_log = logging.getLogger('medssm')
 
-def predict_probs(model:nn.Module, ds:SegDataset, batch_size:int=4, device=None)->np.ndarray:  # (N, S, S)
-    "Lesion probabilities at the training size for every case of `ds` (no augmentation)."
+def _datasets(cfg:SegConfig, parts:dict[str, list])->dict[str, SegDataset]:
+    "A dataset per subset (augmentation on 'train' only), every case read and checked before any training."
+    out = {k: SegDataset(cases, cfg.size, augment=cfg.augment and k == 'train') for k, cases in parts.items()}
+    n = sum(ds.validate(f'{k} image/mask pairs') for k, ds in out.items())
+    _log.info('checked %d image/mask pairs (%s)', n, ', '.join(f'{k} {len(ds)}' for k, ds in out.items()))
+    return out
+
+def _fit(cfg:SegConfig, ds:dict[str, SegDataset], run)->FitResult:
+    return fit(cfg.build_model(), ds['train'], ds['val'], config=cfg.fit, step=seg_step(cfg.loss),
+               metrics={'dice': dice_batch}, run=run)
+
+def train_seg(cfg:SegConfig,                # recipe
+              train_cases:list, val_cases:list,
+              run:Run|str|Path|None=None,   # a started run, or a folder (started as a 'seg' run), or None
+             )->FitResult:
+    "Train `cfg.model` on the cases with the shared fit loop; the result's model has the best epoch's weights."
+    ds = _datasets(cfg.check(), {'train': train_cases, 'val': val_cases})
+    if isinstance(run, (str, Path)):
+        run = Run.start(run, cfg, kind='seg', split={k: [c['name'] for c in ds[k].cases] for k in ds})
+    return _fit(cfg, ds, run)
+
+def predict_probs(model:nn.Module, ds:SegDataset, batch_size:int=4, device=None,
+                  predictor:Callable|None=None,  # (N, 3, S, S) tensor → (N, 1, S, S) probabilities; None: `predict` in fp32
+                 )->np.ndarray:                  # (N, S, S) lesion probabilities
+    "Lesion probabilities at the training size for every case of `ds` (no augmentation), in order."
     aug, ds.augment = ds.augment, None
-    try: out, _ = predict(model, ds, step=seg_step('dice'), batch_size=batch_size, device=device)
+    try:
+        if predictor is None:
+            device = get_device(device or None)
+            out, _ = predict(model.to(device), ds, step=seg_step('dice'), batch_size=batch_size, device=device)
+        else:
+            out = np.concatenate([predictor(torch.stack([ds[i]['image'] for i in range(j, min(j + batch_size, len(ds)))]))
+                                  for j in range(0, len(ds), batch_size)])
     finally: ds.augment = aug
     return out[:, 0]
 
-def evaluate_seg(model:nn.Module, ds:SegDataset, batch_size:int=4, device=None)->pd.DataFrame:
-    "Per-case Dice and HD95 at the original resolution after post-processing."
-    probs = predict_probs(model, ds, batch_size, device)
+def evaluate_seg(model:nn.Module, ds:SegDataset, batch_size:int=4, device=None,
+                 predictor:Callable|None=None)->pd.DataFrame:  # one row per case: case, dice, hd95
+    "Per-case Dice and HD95 at the original resolution after post-processing (Sec. 3.1, 3.3)."
+    probs = predict_probs(model, ds, batch_size, device, predictor)
     rows = []
     for i, pr in enumerate(probs):
         _, gt = ds.original(i)
         rows.append(dict(case=ds.cases[i]['name'], **score_case(postprocess(pr, gt.shape), gt)))
     return pd.DataFrame(rows)
 
+def summarize_cases(per_case:pd.DataFrame)->dict:
+    "Mean test Dice and HD95 over the cases, and their number (what `test_metrics.json` holds)."
+    return dict(dice=float(per_case.dice.mean()), hd95=float(per_case.hd95.mean()), n=int(len(per_case)))
+
+# %% ../../nbs/23_seg_train.ipynb
+def _architecture(cfg:SegConfig)->nn.Module: return cfg.build_model(pretrained=False)   # weights come from best.pt
+
+register_run_kind('seg', SegConfig, _architecture, cases_from_record)
+
+def train_seg_run(cfg:SegConfig,               # the recipe
+                  cases:CaseSet,               # the data (with its record), e.g. from `load_cases`
+                  split:dict[str, list[str]],  # case names per subset: {'train': [...], 'val': [...], 'test': [...]}
+                  path:str|Path,               # the run folder (resumed when it holds the same run)
+                  command:str|None=None,       # the command line, for the record
+                 )->dict:                      # summary: run, model, params, epochs, best_epoch, test scores
+    "Check all data, start (or resume) the run folder, train, and store the test metrics of the best epoch."
+    cfg.check()
+    missing = [k for k in SUBSETS if not split.get(k)]
+    if missing: raise ConfigError(f"split: no cases in {missing}; give more patients or other fractions")
+    ds = _datasets(cfg, {k: cases.select(split[k]) for k in SUBSETS})
+    run = Run.start(path, cfg, kind='seg', data=cases.record, split={k: list(split[k]) for k in SUBSETS}, command=command)
+    try:
+        _log.info('training %s in %s (%s)', cfg.model, run.path, 'resuming' if run.metrics() else 'new run')
+        res = _fit(cfg, ds, run)
+        per_case = evaluate_seg(res.model, ds['test'], cfg.fit.batch_size, cfg.fit.device or None)
+        write_csv(per_case, run.artifact('test_cases.csv'))
+        test = summarize_cases(per_case)
+        run.save_test_metrics(test)
+    finally: run.release()
+    return dict(run=str(run.path), model=cfg.model, params=count_params(res.model),
+                epochs=len(res.history), best_epoch=res.best_epoch, test_dice=test['dice'], test_hd95=test['hd95'], n_test=test['n'])
+
+# %% ../../nbs/23_seg_train.ipynb
 def run_recipe(cfg:SegConfig, train_cases, val_cases, test_cases,
                seeds=(0, 1, 2),                 # the paper's 3 random initialisations
                root:str|Path|None=None,         # parent of the run folders (one per seed); None: no files
                keep:dict|None=None,             # if given, keep[cfg.model] = the last seed's trained model
-              )->pd.DataFrame:                  # one row per seed: seed, dice, hd95, params, epochs
-    "Train and test `cfg` once per seed; test Dice/HD95 are means over the test cases."
-    rows, test = [], SegDataset(test_cases, cfg.size)
+               data:dict|None=None,             # the data record the run folders store (with `root`)
+              )->pd.DataFrame:                  # one row per seed: model, seed, dice, hd95, params, epochs, best_epoch
+    "Train and test `cfg` once per seed; test Dice/HD95 are means over the test cases (best-epoch weights)."
+    ds = _datasets(cfg.check(), {'train': train_cases, 'val': val_cases, 'test': test_cases})
+    split = {k: [c['name'] for c in d.cases] for k, d in ds.items()}
+    rows = []
     for s in seeds:
         c = cfg.replace(seed=int(s))
-        run = None if root is None else RunDir(f'{cfg.model}_seed{s}', root=root)
-        res = train_seg(c, train_cases, val_cases, run)
-        per_case = evaluate_seg(res.model, test, device=c.device or None)
+        run = None if root is None else Run.start(Path(root) / f'{cfg.model}_seed{s}', c, kind='seg', data=data, split=split)
+        try:
+            res = _fit(c, ds, run)
+            per_case = evaluate_seg(res.model, ds['test'], c.fit.batch_size, c.fit.device or None)
+            if run is not None: run.save_test_metrics(summarize_cases(per_case))
+        finally:
+            if run is not None: run.release()
         rows.append(dict(model=cfg.model, seed=int(s), dice=per_case.dice.mean(), hd95=per_case.hd95.mean(),
-                         params=count_params(res.model), epochs=len(res.history)))
+                         params=count_params(res.model),
+                         epochs=len(res.history), best_epoch=res.best_epoch))
         if keep is not None: keep[cfg.model] = res.model
     return pd.DataFrame(rows)
 
@@ -154,15 +225,16 @@ def ladder_configs(base:SegConfig|None=None)->list[tuple[str, SegConfig]]:
     "Cumulative configs of the ladder; `base` supplies everything the ladder does not change (model, sizes, epochs)."
     cfg, out = base or SegConfig(), []
     for name, change, _ in LADDER:
-        cfg = cfg.replace(**change); out.append((name, cfg))
+        cfg = cfg.replace(change); out.append((name, cfg))
     return out
 
 def run_ladder(train_cases, val_cases, test_cases, base:SegConfig|None=None, seeds=(0, 1, 2),
-               root:str|Path|None=None)->tuple[pd.DataFrame, pd.DataFrame]:
+               root:str|Path|None=None, data:dict|None=None)->tuple[pd.DataFrame, pd.DataFrame]:
     "Run every rung (each with all seeds) in sequence: (ladder table of mean ± std per rung, per-seed rows)."
     rows = []
     for i, (name, cfg) in enumerate(ladder_configs(base)):
-        df = run_recipe(cfg, train_cases, val_cases, test_cases, seeds, None if root is None else Path(root) / f'{i}_{name.strip("+").replace(" ", "_")}')
+        sub = None if root is None else Path(root) / f'{i}_{name.strip("+").replace(" ", "_")}'
+        df = run_recipe(cfg, train_cases, val_cases, test_cases, seeds, sub, data=data)
         rows.append(df.assign(rung=name, paper_dice=LADDER[i][2]))
     per_seed = pd.concat(rows, ignore_index=True)
     table = summarize(per_seed[['rung', 'dice', 'hd95']], by='rung')

@@ -9,15 +9,8 @@ import matplotlib.pyplot as plt
 import ipywidgets as W
 from ..core import InputError
 from ..widgets import FigureWidget
-from .models import (MODELS, create_model, create_variant, list_models, count_params, UNet, ConvSet,
-                               effective_group_size, FCN, DeepLabV3Plus, UNET_VARIANTS, BASELINES, PAPER_PARAMS,
-                               load_backbone_weights)
-from .data import (read_image, read_mask, scan_busi, scan_folder, scan_dataset, split_cases, seg_augment,
-                             SegDataset, make_phantom, phantom_cases, write_phantom_folder, PAPER_SPLIT)
-from .metrics import dice, hd95, surface, surface_distances, largest_component, postprocess, score_case, dice_batch
-from .train import (dice_loss, bce_loss, get_loss, seg_step, SegConfig, quick_config, WD_GRID, train_seg,
-                              predict_probs, evaluate_seg, run_recipe, LADDER, ladder_configs, run_ladder)
-from .cli import Predictor, export_onnx, bench_model, bench_models, count_macs, candidate_paths
+from .data import SegDataset
+from .metrics import score_case
 
 # %% auto 0
 __all__ = ['seg_overlay', 'SegViewer']

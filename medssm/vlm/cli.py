@@ -4,176 +4,180 @@
 
 # %% ../../nbs/44_vlm_cli.ipynb 2
 from __future__ import annotations
-import json, time
+import logging, shlex, sys
+from dataclasses import dataclass, field
 from pathlib import Path
-import numpy as np
+from typing import Literal
 import pandas as pd
-from ..core import ConfigError, InputError, RunDir, save_json, load_json, seed_everything
-from ..cli import command, arg, register_demo
-from .perturb import PERTURBATIONS, PERTURBATION_NAMES, perturb, bench_perturb
-from .data import (ImageTextDataset, cxr_transform, make_synth_cxr, make_synth_nli, load_openi, load_mimic_cxr,
-                             load_chexpert, load_nli, SYNTH_FINDINGS)
-from .models import METHODS, METHOD_TITLES
-from .train import (PretrainConfig, FinetuneConfig, pretrain, load_pretrained, embed, semantic_structure_eval,
-                              retrieval_eval, finetune_image, finetune_nli)
+from ..core import Config, ConfigError, save_json
+from ..cli import Output, command, register_demo
+from ..runs import Run
+from .perturb import PERTURBATIONS, bench_perturb, perturb, read_report_lines
+from .data import PairsConfig, SYNTH_FINDINGS, chexpert_dataset, load_nli, make_synth_cxr, make_synth_nli, split_pairs, synth_pairs
+from .train import (PretrainConfig, FinetuneConfig, evaluate_run, finetune_image, finetune_nli, finetune_on_pairs,
+                              load_vlm_run, pretrain_run)
 
 # %% auto 0
-__all__ = ['DATA_ARGS', 'load_pairs', 'split_indices', 'vlm_pretrain_cmd', 'vlm_eval_cmd', 'vlm_finetune_cmd',
-           'bench_perturb_cmd', 'vlm_demo']
+__all__ = ['with_preset', 'OptionsWithPreset', 'PretrainOptions', 'EvalOptions', 'FinetuneOptions', 'PerturbBenchOptions',
+           'vlm_pretrain_cmd', 'vlm_eval_cmd', 'vlm_finetune_cmd', 'bench_perturb_cmd', 'vlm_demo']
 
 # %% ../../nbs/44_vlm_cli.ipynb
-DATA_ARGS = [
-    arg('--data', default='synth', choices=['synth', 'openi', 'mimic'], help='image–report source'),
-    arg('--xml-dir', default=None, help='Open-I: folder of report XML files'),
-    arg('--image-dir', default=None, help='Open-I: folder of PNG images'),
-    arg('--metadata', default=None, help='MIMIC-CXR-JPG: metadata CSV'),
-    arg('--image-root', default=None, help='MIMIC-CXR-JPG: folder holding files/'),
-    arg('--report-root', default=None, help='MIMIC-CXR: folder holding the report files/ (default --image-root)'),
-    arg('--n-synth', type=int, default=0, help='synthetic cases (0 = 48 quick, 2000 full)'),
-    arg('--max-words', type=int, default=0, help='report length cap in words (0 = none)'),
-    arg('--seed', type=int, default=0, help='random seed (splits, perturbations, training)'),
-    arg('--quick', action='store_true', help='tiny model and sizes (tests, CPU smoke runs)'),
-]
+_log = logging.getLogger('medssm')
 
-def load_pairs(a)->tuple[list, list[str], pd.DataFrame|None]:
-    "(images, reports, findings table or None) for the data arguments."
-    if a.data == 'synth':
-        n = a.n_synth or (48 if a.quick else 2000)
-        s = make_synth_cxr(n, 64 if a.quick else 224, seed=a.seed)
-        return list(s.images), s.reports, s.labels()
-    if a.data == 'openi':
-        if not (a.xml_dir and a.image_dir): raise ConfigError("--data openi needs --xml-dir and --image-dir")
-        df = load_openi(a.xml_dir, a.image_dir, max_words=a.max_words or None)
-    else:
-        if not (a.metadata and a.image_root): raise ConfigError("--data mimic needs --metadata and --image-root")
-        df = load_mimic_cxr(a.metadata, a.image_root, a.report_root, max_words=a.max_words or None)
-    return df.image.tolist(), df.report.tolist(), None
+def with_preset(cfg:Config,           # options as parsed (defaults + what the user set)
+                preset:Config,        # the preset (same class)
+                given:set[str]=set(), # dotted names of fields the user set explicitly (kept even when equal to the default)
+               )->Config:
+    "`preset` under the fields of `cfg` that the user gave or that differ from the defaults."
+    mine = cfg.flat()
+    changed = {k: v for k, (_, v) in cfg.diff(type(cfg)()).items()} | {k: mine[k] for k in given if k in mine}
+    return preset.replace(changed) if changed else preset
 
-def split_indices(reports:list[str], seed:int, fractions=(0.8, 0.1, 0.1))->tuple[np.ndarray, np.ndarray, np.ndarray]:
-    "Train/val/test indices; identical reports stay in one split (no report leaks into the test set)."
-    uniq = np.array(sorted(set(reports)))
-    rng = np.random.default_rng(seed); rng.shuffle(uniq)
-    n = len(uniq); a, b = int(round(fractions[0] * n)), int(round((fractions[0] + fractions[1]) * n))
-    part = {r: 0 if i < a else 1 if i < b else 2 for i, r in enumerate(uniq)}
-    lab = np.array([part[r] for r in reports])
-    out = tuple(np.flatnonzero(lab == k) for k in range(3))
-    if any(len(o) == 0 for o in out): raise InputError(f"{len(uniq)} distinct reports are too few for a train/val/test split")
-    return out
+class OptionsWithPreset(Config):
+    "Command options that remember the names of the options set by `replace` (the flags given on the command line)."
+    def replace(self, changes:dict|None=None, **kw):
+        new = super().replace(changes, **kw)
+        new._given = self.given() | {self.resolve(k) for k in {**(changes or {}), **kw}}
+        return new
+    def given(self, section:str='')->set[str]:
+        "Dotted names of the options set explicitly (inside `section`, relative to it)."
+        names = getattr(self, '_given', frozenset())
+        return {n[len(section) + 1:] for n in names if n.startswith(section + '.')} if section else set(names)
 
-def _datasets(a, cfg:PretrainConfig, perturbations:bool=True):
-    images, reports, labels = load_pairs(a)
-    tr, va, te = split_indices(reports, a.seed)
-    mk = lambda idx, train: ImageTextDataset([images[i] for i in idx], [reports[i] for i in idx],
-                                              cxr_transform(cfg.image_size, train=train), perturbations=perturbations,
-                                              labels=None if labels is None else labels.values[idx], seed=a.seed,
-                                              max_words=a.max_words or None)
-    return mk(tr, True), mk(va, False), mk(te, False), labels
+@dataclass
+class PretrainOptions(OptionsWithPreset):
+    out: str = ''             # run folder to write (required); a finished or interrupted run with the same config, data and split resumes
+    quick: bool = False       # start from the quick preset (tiny model and sizes; tests, CPU smoke runs); the options you give still apply
+    pairs: PairsConfig = field(default_factory=PairsConfig)         # the image–report data
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig) # method, model and the paper's SGD recipe
 
-def _pretrain_config(a)->PretrainConfig:
-    base = PretrainConfig.quick() if a.quick else PretrainConfig()
-    kw = {k: v for k, v in dict(method=a.method, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, image_size=a.image_size,
-                                text_model=a.text_model, image_arch=a.image_arch, image_weights=a.image_weights,
-                                device=a.device, seed=a.seed, steps_per_epoch=a.steps_per_epoch,
-                                trust_remote_code=a.trust_remote_code or None).items() if v not in (None, '')}
-    return base.replace(**kw, progress=False)
+    def check(self):
+        if not self.out: raise ConfigError("--out: required (the run folder to write)")
+        if self.pairs.data == 'run': raise ConfigError("--data run: pretrain needs image–report data: synth, openi or mimic")
+        return super().check()
+
+    def resolved(self)->PretrainConfig:
+        "The experiment's config (the quick preset under the user's options with --quick)."
+        return (with_preset(self.pretrain, PretrainConfig.quick(), self.given('pretrain')) if self.quick else self.pretrain).check()
+
+@dataclass
+class EvalOptions(Config):
+    run: str = ''             # a `vlm pretrain` run folder (required)
+    which: Literal['best', 'last'] = 'best'   # checkpoint to evaluate
+    device: str = ''          # '' = the run's own device setting, else automatic
+    seed: int = 0             # generator seed of other synthetic data (--data synth); the run's own split, data and perturbations never depend on it
+    quick: bool = False       # the quick size of other synthetic data (--data synth)
+    pairs: PairsConfig = field(default_factory=lambda: PairsConfig(data='run'))  # 'run' (default): the run's stored test split; else other data, scored whole
+
+    def check(self):
+        if not self.run: raise ConfigError("--run: required (a `vlm pretrain` run folder)")
+        return super().check()
+
+@dataclass
+class FinetuneOptions(OptionsWithPreset):
+    run: str = ''             # a `vlm pretrain` run folder (required)
+    which: Literal['best', 'last'] = 'best'   # checkpoint to fine-tune
+    task: Literal['image', 'nli'] = 'image'   # image: per-finding classification (Table II); nli: text pairs (Table III)
+    quick: bool = False       # start from the quick preset (one epoch, linear probe, small synthetic NLI sets); the options you give still apply
+    findings: list[str] = field(default_factory=list)   # image task: label columns (none: every synthetic finding / CheXpert's Consolidation and Pleural Effusion)
+    chexpert_csv: str = ''    # image task: CheXpert labels CSV to train on (other data than the run's)
+    chexpert_test_csv: str = '' # image task: CheXpert labels CSV to test on
+    chexpert_root: str = ''   # folder the CheXpert CSV paths are relative to
+    train_jsonl: str = ''     # nli task: MedNLI/RadNLI train jsonl ('' = synthetic pairs)
+    test_jsonl: str = ''      # nli task: MedNLI/RadNLI test jsonl
+    pairs: PairsConfig = field(default_factory=lambda: PairsConfig(data='run'))  # image task: 'run' (default) = the run's labelled data and split
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # the fine-tuning loop (lr 2e-5 for nli unless --lr)
+
+    def check(self):
+        if not self.run: raise ConfigError("--run: required (a `vlm pretrain` run folder)")
+        if bool(self.train_jsonl) != bool(self.test_jsonl): raise ConfigError("--task nli needs both --train-jsonl and --test-jsonl")
+        if self.chexpert_csv and not (self.chexpert_test_csv and self.chexpert_root):
+            raise ConfigError("--chexpert-csv needs --chexpert-test-csv and --chexpert-root")
+        return super().check()
+
+    def resolved(self)->FinetuneConfig:
+        "The fine-tuning config: the task's defaults (or the quick preset) under the user's options."
+        base = FinetuneConfig.quick() if self.quick else FinetuneConfig()
+        if self.task == 'nli': base = base.replace(lr=2e-5)
+        return with_preset(self.finetune, base, self.given('finetune')).check()
+
+@dataclass
+class PerturbBenchOptions(Config):
+    n: int = 1000             # reports in the batch
+    reports: str = ''         # text file with one report per line ('' = synthetic reports)
+    seed: int = 0             # seed of the synthetic reports and of the perturbations
+    repeat: int = 3           # timed passes (the median is reported), after one warm-up pass
+
+    def check(self):
+        if self.n < 1: raise ConfigError(f"--n {self.n}: expected ≥ 1 report")
+        if self.repeat < 1: raise ConfigError(f"--repeat {self.repeat}: expected ≥ 1")
+        return super().check()
 
 # %% ../../nbs/44_vlm_cli.ipynb
 @command('vlm', 'pretrain', 'pre-train the image–text model (ConVIRT, GLoRIA, ours w/o local, ours); writes a run folder',
-         DATA_ARGS + [arg('--out', required=True, help='run folder (resumes when it holds a checkpoint)'),
-                      arg('--method', default='ours', choices=list(METHODS), help='loss configuration'),
-                      arg('--epochs', type=int, default=None, help='epochs (paper 150)'),
-                      arg('--batch-size', type=int, default=None, help='batch size (paper 64)'),
-                      arg('--lr', type=float, default=None, help='SGD learning rate (paper 0.0015)'),
-                      arg('--steps-per-epoch', type=int, default=None, help='batches per epoch (default: all)'),
-                      arg('--image-size', type=int, default=None, help='image side (paper 224)'),
-                      arg('--text-model', default='', help='local Hugging Face model folder (default: offline all-MiniLM-L6-v2)'),
-                      arg('--trust-remote-code', action='store_true', help='let the local text model run its own code (CXR-BERT)'),
-                      arg('--image-arch', default='', help='resnet50 (paper) or resnet18'),
-                      arg('--image-weights', default='', help='local state-dict file for the image backbone'),
-                      arg('--device', default='', help="'cpu', 'cuda', … ('' = automatic)")])
-def vlm_pretrain_cmd(a):
-    cfg = _pretrain_config(a)
-    tr, va, te, _ = _datasets(a, cfg)
-    run = RunDir(a.out, root=None)
-    res = pretrain(cfg, tr, va, run=run)
-    emb = embed(res.model, te)
-    summary = {'run': str(run.path), 'method': cfg.method, 'epochs': len(res.history), 'best_epoch': res.best_epoch,
-               'val_pert_acc': res.best_score, 'test': {**semantic_structure_eval(emb), **retrieval_eval(emb, te.reports)}}
-    save_json(summary, run.artifact('pretrain_summary.json'))
-    print(json.dumps(summary))
+         options=PretrainOptions, aliases={'--epochs': 'max_epochs'})
+def vlm_pretrain_cmd(o:PretrainOptions):
+    cfg = o.resolved()
+    pairs = o.pairs.build(size=cfg.image_size, seed=cfg.fit.seed, quick=o.quick)
+    return pretrain_run(cfg, pairs, split_pairs(pairs, cfg.fit.seed), o.out, command=shlex.join(sys.argv))
 
 # %% ../../nbs/44_vlm_cli.ipynb
 @command('vlm', 'eval', 'clinical semantic structure (Table IV) and retrieval recall@1/5/10 of a pre-trained run',
-         DATA_ARGS + [arg('--run', required=True, help='a `vlm pretrain` run folder'),
-                      arg('--which', default='best', choices=['best', 'last'], help='checkpoint')])
-def vlm_eval_cmd(a):
-    model = load_pretrained(a.run, a.which)
-    cfg = PretrainConfig.load(Path(a.run)/'vlm_config.json')
-    _, _, te, _ = _datasets(a, cfg)
-    emb = embed(model, te)
-    res = {'n': len(te), **semantic_structure_eval(emb), **retrieval_eval(emb, te.reports)}
-    save_json(res, Path(a.run)/'eval.json')
-    print(json.dumps(res))
+         options=EvalOptions)
+def vlm_eval_cmd(o:EvalOptions):
+    run, other = Run(o.run), o.pairs.data != 'run'
+    if other:
+        pairs = o.pairs.build(size=run.load_config(PretrainConfig).image_size, seed=o.seed, quick=o.quick)
+        res = evaluate_run(o.run, o.which, o.device or None, pairs=pairs)
+    else:
+        _log.info('split, data and perturbations come from %s (run.json, config.json), not from command-line flags',
+                  run.path)
+        res = evaluate_run(o.run, o.which, o.device or None)
+        stored = run.test_metrics()
+        if stored is None: _log.info('no test metrics recorded yet (training has not finished)')
+        elif o.which == 'best':
+            _log.info('%s the test metrics recorded at training time (test_metrics.json)', 'equal to' if res == stored else 'DIFFERENT from')
+    save_json(res, run.artifact('eval' + ('' if o.which == 'best' else f'_{o.which}') + (f'_{o.pairs.data}' if other else '') + '.json'))
+    return res
 
 # %% ../../nbs/44_vlm_cli.ipynb
 @command('vlm', 'finetune', 'fine-tune a pre-trained run: image classification (Table II) or NLI (Table III)',
-         DATA_ARGS + [arg('--run', required=True, help='a `vlm pretrain` run folder'),
-                      arg('--task', default='image', choices=['image', 'nli'], help='downstream task'),
-                      arg('--chexpert-csv', default=None, help='image task: CheXpert labels CSV (train)'),
-                      arg('--chexpert-test-csv', default=None, help='image task: CheXpert labels CSV (test)'),
-                      arg('--chexpert-root', default=None, help='folder the CSV paths are relative to'),
-                      arg('--findings', nargs='*', default=None, help='label columns (CheXpert default: Consolidation, Pleural Effusion)'),
-                      arg('--train-jsonl', default=None, help='nli task: MedNLI/RadNLI train jsonl'),
-                      arg('--test-jsonl', default=None, help='nli task: MedNLI/RadNLI test jsonl'),
-                      arg('--epochs', type=int, default=None, help='fine-tuning epochs'),
-                      arg('--lr', type=float, default=None, help='learning rate'),
-                      arg('--device', default='', help="'cpu', 'cuda', … ('' = automatic)")])
-def vlm_finetune_cmd(a):
-    model = load_pretrained(a.run)
-    cfg = PretrainConfig.load(Path(a.run)/'vlm_config.json')
-    base = FinetuneConfig.quick() if a.quick else FinetuneConfig()
-    ft = base.replace(epochs=a.epochs or base.epochs, seed=a.seed, device=a.device, lr=a.lr or (1e-4 if a.task == 'image' else 2e-5))
-    if a.task == 'nli':
-        if a.train_jsonl and a.test_jsonl: trn, tst = load_nli(a.train_jsonl), load_nli(a.test_jsonl)
-        elif a.train_jsonl or a.test_jsonl: raise ConfigError("--task nli needs both --train-jsonl and --test-jsonl")
-        else: trn, tst = make_synth_nli(12 if a.quick else 3000, a.seed), make_synth_nli(9 if a.quick else 600, a.seed + 1)
-        res = {'task': 'nli', 'accuracy': finetune_nli(model, trn, tst, ft)}
-    elif a.chexpert_csv:
-        if not (a.chexpert_test_csv and a.chexpert_root): raise ConfigError("--chexpert-csv needs --chexpert-test-csv and --chexpert-root")
-        findings = a.findings or ['Consolidation', 'Pleural Effusion']
-        trd, ted = (load_chexpert(c, a.chexpert_root, findings) for c in (a.chexpert_csv, a.chexpert_test_csv))
-        mk = lambda d: ImageTextDataset(d.image.tolist(), ['x'] * len(d), cxr_transform(cfg.image_size), perturbations=False,
-                                        labels=d[findings].values)
-        res = {'task': 'image', **finetune_image(model, mk(trd), mk(ted), findings, ft)}
+         options=FinetuneOptions, aliases={'--epochs': 'max_epochs'})
+def vlm_finetune_cmd(o:FinetuneOptions):
+    ft = o.resolved()
+    lr = load_vlm_run(o.run, o.which, ft.fit.device or None)
+    if o.task == 'nli':
+        if o.train_jsonl: trn, tst = load_nli(o.train_jsonl), load_nli(o.test_jsonl)
+        else: trn, tst = make_synth_nli(12 if o.quick else 3000, ft.fit.seed), make_synth_nli(9 if o.quick else 600, ft.fit.seed + 1)
+        _log.info('NLI: %d training and %d test pairs (%s)', len(trn), len(tst), o.train_jsonl or 'synthetic')
+        res = {'task': 'nli', 'accuracy': finetune_nli(lr.model, trn, tst, ft)}
+    elif o.chexpert_csv:
+        findings = o.findings or ['Consolidation', 'Pleural Effusion']
+        _log.info('image task on CheXpert (%s, %s), not on the run\'s data', o.chexpert_csv, o.chexpert_test_csv)
+        mk = lambda csv: chexpert_dataset(csv, o.chexpert_root, findings, lr.config.image_size)
+        res = {'task': 'image', **finetune_image(lr.model, mk(o.chexpert_csv), mk(o.chexpert_test_csv), findings, ft)}
     else:
-        if a.data != 'synth': raise ConfigError("--task image needs --chexpert-csv (or --data synth)")
-        findings = a.findings or list(SYNTH_FINDINGS)
-        tr, _, te, labels = _datasets(a, cfg, perturbations=False)
-        miss = [f for f in findings if f not in labels.columns]
-        if miss: raise ConfigError(f"--findings {miss}: not among the synthetic findings {list(labels.columns)}")
-        cols = [list(labels.columns).index(f) for f in findings]
-        for d in (tr, te): d.labels = d.labels[:, cols]
-        res = {'task': 'image', **finetune_image(model, tr, te, findings, ft)}
-    save_json(res, Path(a.run)/f'finetune_{a.task}.json')
-    print(json.dumps(res))
+        if o.pairs.data == 'run':
+            pairs, split = lr.dataset(), lr.split
+            _log.info('image task on the run\'s own data and split (run.json): %s', pairs.describe())
+        else:
+            pairs = o.pairs.build(size=lr.config.image_size, seed=ft.fit.seed, quick=o.quick)
+            split = split_pairs(pairs, ft.fit.seed)
+            _log.info('image task on OTHER data than the run\'s: %s', pairs.describe())
+        findings = o.findings or (list(pairs.labels.columns) if pairs.labels is not None else [])
+        res = {'task': 'image', **finetune_on_pairs(lr.model, pairs, split, findings, lr.config.image_size, ft)}
+    save_json(res, lr.run.artifact(f'finetune_{o.task}.json'))
+    return res
 
 # %% ../../nbs/44_vlm_cli.ipynb
 @command('bench', 'perturb', 'reports per second for the nine perturbations on a batch of reports (target ≥ 1,000/s)',
-         [arg('--json', action='store_true', help='print {"reports", "seconds", "reports_per_s"} as JSON'),
-          arg('--n', type=int, default=1000, help='reports in the batch'),
-          arg('--reports', default=None, help='text file with one report per line (default: synthetic reports)'),
-          arg('--seed', type=int, default=0, help='random seed')])
-def bench_perturb_cmd(a):
-    if a.reports:
-        p = Path(a.reports)
-        if not p.is_file(): raise InputError(f"--reports {p}: file not found")
-        reports = [l for l in p.read_text().splitlines() if l.strip()][:a.n]
-    else:
-        reports = make_synth_cxr(a.n, 8, seed=a.seed).reports
-    r = bench_perturb(reports, seed=a.seed)
-    if a.json: print(json.dumps({k: r[k] for k in ('reports', 'seconds', 'reports_per_s')})); return
-    print(f"{r['reports']} reports × 9 perturbations in {r['seconds']:.3f} s: {r['reports_per_s']:.0f} reports/s "
-          f"({r['unique_sentences']} unique sentences tagged)")
+         options=PerturbBenchOptions)
+def bench_perturb_cmd(o:PerturbBenchOptions):
+    reports = read_report_lines(o.reports, o.n) if o.reports else make_synth_cxr(o.n, 8, seed=o.seed).reports
+    r = bench_perturb(reports, seed=o.seed, repeat=o.repeat)
+    return Output({k: r[k] for k in ('reports', 'seconds', 'reports_per_s')},
+                  f"{r['reports']} reports × 9 perturbations in {r['seconds']:.3f} s: {r['reports_per_s']:.0f} reports/s "
+                  f"({r['unique_sentences']} unique sentences tagged)")
 
 # %% ../../nbs/44_vlm_cli.ipynb
 @register_demo('vlm', 'Paper 4: perturbed report discrimination (synthetic chest radiographs)')
@@ -183,21 +187,19 @@ def vlm_demo(report, *, quick:bool=True, seed:int=0, out:Path=Path('runs/demo/vl
     report.text("Table I: the nine perturbations of the paper's example sentence (random ones drawn with the seed).")
     report.table(pd.DataFrame([(p.title, perturb(sent, k, seed=seed)) for k, p in PERTURBATIONS.items()],
                               columns=['Perturbation', 'Example']))
-    b = bench_perturb(make_synth_cxr(1000, 8, seed=seed).reports, seed=seed)
+    b = bench_perturb(make_synth_cxr(1000, 8, seed=seed).reports, seed=seed, repeat=1)
     report.text(f"Benchmark: {b['reports']} synthetic reports × 9 perturbations in {b['seconds']:.2f} s "
                 f"= **{b['reports_per_s']:.0f} reports/s** ({b['unique_sentences']} unique sentences tagged by spaCy).")
-    n = 40 if quick else 600
-    S = make_synth_cxr(n, 64 if quick else 224, seed=seed)
-    cfg = PretrainConfig.quick(epochs=1, steps_per_epoch=3, seed=seed) if quick else PretrainConfig(epochs=20, seed=seed, progress=False)
-    tr, va, te = split_indices(S.reports, seed)
-    mk = lambda idx, train: ImageTextDataset(S.images[idx], [S.reports[i] for i in idx], cxr_transform(cfg.image_size, train), seed=seed)
+    cfg = (PretrainConfig.quick(max_epochs=1, steps_per_epoch=3, seed=seed) if quick else
+           PretrainConfig().replace(max_epochs=20, seed=seed, progress=False))
+    pairs = synth_pairs(40 if quick else 600, cfg.image_size, seed=seed)
     fig, ax = plt.subplots(1, 4, figsize=(12, 3))
-    for i, a_ in enumerate(ax): a_.imshow(S.images[i], cmap='gray'); a_.axis('off')
-    report.figure(fig, caption='Synthetic chest radiographs (labelled synthetic). Reports: ' + ' | '.join(S.reports[:2]))
-    res = pretrain(cfg, mk(tr, True), mk(va, False), run=RunDir(out/'ours', root=None))
-    tst = mk(te, False); emb = embed(res.model, tst)
-    report.table(pd.DataFrame(res.history), caption='Pre-training (ours) through the shared fit loop')
-    ev = {**semantic_structure_eval(emb), **retrieval_eval(emb, tst.reports)}
+    for i, a_ in enumerate(ax): a_.imshow(pairs.images[i], cmap='gray'); a_.axis('off')
+    report.figure(fig, caption='Synthetic chest radiographs (labelled synthetic). Reports: ' + ' | '.join(pairs.reports[:2]))
+    s = pretrain_run(cfg, pairs, split_pairs(pairs, seed), out/'ours')
+    report.table(pd.DataFrame(Run(out/'ours').metrics()), caption='Pre-training (ours) through the shared fit loop')
+    ev = s['test']
     report.table(pd.DataFrame({'metric': list(ev), 'value': list(ev.values())}),
-                 caption=f'Test split ({len(tst)} pairs): semantic structure accuracy (Table IV analogue; overall, then '
+                 caption=f"Test split ({ev['n']} pairs): semantic structure accuracy (Table IV analogue; overall, then "
                          'original vs each perturbation) and retrieval recall')
+    return s

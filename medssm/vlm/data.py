@@ -8,30 +8,24 @@ import json, re, warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 import numpy as np
 import pandas as pd
 import torch
 from scipy import ndimage
 from torch.utils.data import Dataset
-from ..core import InputError, ConfigError
+from ..core import Config, InputError, ConfigError, stable_hash
+from ..data import check_all, check_array, read_image, stratified_split
+from ..registry import Registry
+from ..runs import data_record, fingerprint_files
 from .perturb import PERTURBATION_NAMES, clean_report, perturb_batch
 
 # %% auto 0
-__all__ = ['CHEXPERT_FINDINGS', 'NLI_LABELS', 'SYNTH_FINDINGS', 'load_image', 'cxr_transform', 'load_openi', 'report_section',
-           'load_mimic_cxr', 'load_chexpert', 'load_nli', 'SynthCXR', 'make_synth_cxr', 'ImageTextDataset',
-           'collate_vlm', 'make_synth_nli']
-
-# %% ../../nbs/41_vlm_data.ipynb
-def load_image(path:str|Path)->np.ndarray: # (H, W) float32 in [0, 1]
-    "Read a chest X-ray as a grey float image."
-    from PIL import Image, UnidentifiedImageError
-    path = Path(path)
-    try:
-        with Image.open(path) as im: a = np.asarray(im.convert('L'), dtype=np.float32) / 255.
-    except FileNotFoundError as e: raise InputError(f"image {path} not found") from e
-    except (UnidentifiedImageError, OSError, ValueError) as e: raise InputError(f"image {path} could not be decoded: {e}") from e
-    return a
+__all__ = ['CHEXPERT_FINDINGS', 'NLI_LABELS', 'SYNTH_FINDINGS', 'PAIR_SOURCES', 'IMAGE_FINGERPRINT_BYTES', 'MIN_IMAGE_SIDE',
+           'SPLIT_FRACTIONS', 'cxr_transform', 'load_openi', 'report_section', 'load_mimic_cxr', 'load_chexpert',
+           'load_nli', 'SynthCXR', 'make_synth_cxr', 'ImageTextDataset', 'collate_vlm', 'CXRPairs', 'load_pairs',
+           'synth_pairs', 'openi_pairs', 'mimic_pairs', 'split_pairs', 'PairsConfig', 'chexpert_dataset',
+           'make_synth_nli']
 
 # %% ../../nbs/41_vlm_data.ipynb
 def cxr_transform(size:int=224, train:bool=False):
@@ -50,7 +44,7 @@ def load_openi(xml_dir:str|Path,        # folder of Open-I report XML files
                image_dir:str|Path,      # folder of the PNG images
                section:str='FINDINGS',  # which AbstractText label to use
                max_words:int|None=None, # length cap after cleaning
-              )->pd.DataFrame:          # columns: image, report, uid
+              )->pd.DataFrame:          # columns: id (image id), image, report, uid (report file)
     "Image–report pairs of Open-I (empty findings dropped, images that are missing skipped with a warning)."
     xml_dir, image_dir = Path(xml_dir), Path(image_dir)
     files = sorted(xml_dir.glob('*.xml'))
@@ -65,7 +59,7 @@ def load_openi(xml_dir:str|Path,        # folder of Open-I report XML files
         for im in root.iter('parentImage'):
             p = image_dir/f"{im.get('id')}.png"
             if not p.exists(): missing += 1; continue
-            rows.append(dict(image=str(p), report=report, uid=f.stem))
+            rows.append(dict(id=im.get('id'), image=str(p), report=report, uid=f.stem))
     if missing: warnings.warn(f"Open-I: {missing} referenced images not found under {image_dir}")
     if not rows: raise InputError(f"{xml_dir}: no report with a non-empty {section} section and an existing image")
     return pd.DataFrame(rows)
@@ -85,7 +79,7 @@ def load_mimic_cxr(metadata_csv:str|Path,      # mimic-cxr-2.0.0-metadata.csv
                    report_root:str|Path|None=None, # folder holding files/ of the reports (default image_root)
                    section:str|None='findings',
                    views:Sequence[str]|None=('PA', 'AP'), # ViewPosition values kept (None = all)
-                   max_words:int|None=None)->pd.DataFrame: # columns: image, report, uid
+                   max_words:int|None=None)->pd.DataFrame: # columns: id (dicom id), image, report, uid (study), report_file
     "Image–report pairs of MIMIC-CXR-JPG."
     meta = pd.read_csv(metadata_csv)
     need = {'dicom_id', 'subject_id', 'study_id'}
@@ -96,10 +90,11 @@ def load_mimic_cxr(metadata_csv:str|Path,      # mimic-cxr-2.0.0-metadata.csv
     for r in meta.itertuples():
         subj, study = str(r.subject_id), str(r.study_id)
         d = Path('files')/f'p{subj[:2]}'/f'p{subj}'
+        rp = report_root/d/f's{study}.txt'
         if study not in cache:
-            rp = report_root/d/f's{study}.txt'
             cache[study] = clean_report(report_section(rp.read_text(), section), max_words) if rp.exists() else ''
-        if cache[study]: rows.append(dict(image=str(image_root/d/f's{study}'/f'{r.dicom_id}.jpg'), report=cache[study], uid=study))
+        if cache[study]: rows.append(dict(id=str(r.dicom_id), image=str(image_root/d/f's{study}'/f'{r.dicom_id}.jpg'),
+                                          report=cache[study], uid=study, report_file=str(rp)))
     if not rows: raise InputError(f"{metadata_csv}: no study with a report under {report_root/'files'}")
     return pd.DataFrame(rows)
 
@@ -238,10 +233,10 @@ class ImageTextDataset(Dataset):
     def __len__(self): return len(self.reports)
     def __getitem__(self, i):
         im = self.images[i]
-        im = load_image(im) if isinstance(im, (str, Path)) else np.asarray(im, np.float32)
+        im = read_image(im, 'grey', as_float=True) if isinstance(im, (str, Path)) else np.asarray(im, np.float32)
         item = dict(image=self.transform(im), report=self.reports[i], index=i)
         if self.perts is not None: item['perturbations'] = self.perts[i]
-        if self.labels is not None: item['label'] = torch.as_tensor(self.labels[i], dtype=torch.float32)
+        if self.labels is not None: item['label'] = torch.tensor(np.asarray(self.labels[i], np.float32))
         return item
 
 def collate_vlm(items:list[dict])->dict:
@@ -251,6 +246,184 @@ def collate_vlm(items:list[dict])->dict:
         v = [it[k] for it in items]
         out[k] = torch.stack(v) if isinstance(v[0], torch.Tensor) else torch.tensor(v) if isinstance(v[0], int) else v
     return out
+
+# %% ../../nbs/41_vlm_data.ipynb
+PAIR_SOURCES = Registry('vlm data source')
+IMAGE_FINGERPRINT_BYTES = 4096   # bytes read from each end of an image file for the data fingerprint
+MIN_IMAGE_SIDE = 32              # smallest image side the input check accepts, pixels
+
+@dataclass
+class CXRPairs:
+    "Image–report pairs with one stable id each, and the data record that rebuilds them."
+    ids: list[str]                       # one id per pair (unique)
+    images: list                         # image paths, or (H, W) float arrays in [0, 1]
+    reports: list[str]                   # reports (raw; the dataset cleans them)
+    record: dict                         # {'source', 'fingerprint', **the source's parameters}
+    labels: pd.DataFrame|None = None     # binary findings per pair (the synthetic set), else None
+
+    def __post_init__(self):
+        if not (len(self.ids) == len(self.images) == len(self.reports)):
+            raise InputError(f"{self.describe()}: {len(self.ids)} ids, {len(self.images)} images, {len(self.reports)} reports")
+        self._pos = {i: k for k, i in enumerate(self.ids)}
+        if len(self._pos) != len(self.ids): raise InputError(f"{self.describe()}: pair ids are not unique")
+
+    def __len__(self): return len(self.ids)
+    @property
+    def fingerprint(self)->str: return self.record['fingerprint']
+    @property
+    def max_words(self)->int|None: return self.record.get('max_words') or None
+    def describe(self)->str:
+        "One line naming the source and its parameters (for logs)."
+        params = ', '.join(f'{k}={v}' for k, v in self.record.items() if k not in ('source', 'fingerprint'))
+        return f"{self.record.get('source')} data ({params}; fingerprint {self.record.get('fingerprint')})"
+
+    def positions(self, ids:Sequence[str])->list[int]:
+        "Row of each id (an `InputError` naming ids this data does not hold)."
+        missing = [i for i in ids if i not in self._pos]
+        if missing: raise InputError(f"{self.describe()}: no pair with id(s) {missing[:5]}{' …' if len(missing) > 5 else ''}")
+        return [self._pos[i] for i in ids]
+
+    def validate(self, ids:Sequence[str]|None=None, # pairs to check (default: all)
+                )->int:                             # the number checked
+        "Read every image and check every report of `ids` (default: all) once; one `InputError` lists every bad pair."
+        def check(i):
+            k = self._pos[i]
+            if not clean_report(self.reports[k]): raise InputError(f"{i}: the report is empty after cleaning")
+            im = self.images[k]
+            _check_image(read_image(im, 'grey', as_float=True) if isinstance(im, (str, Path)) else np.asarray(im),
+                         str(im) if isinstance(im, (str, Path)) else i)
+        return check_all(self.ids if ids is None else ids, check, 'image–report pairs')
+
+    def dataset(self, ids:Sequence[str],         # which pairs, in this order
+                image_size:int=224, train:bool=False, # transform: training augmentation or evaluation resize
+                perturbations:bool=True,          # precompute the nine perturbations
+                seed:int=0,                       # perturbation seed
+                findings:Sequence[str]|None=None, # label columns to attach (None: all, when there are labels)
+               )->ImageTextDataset:
+        "An `ImageTextDataset` of the pairs `ids`."
+        p = self.positions(ids)
+        lab = None
+        if self.labels is not None: lab = self.labels.iloc[p][list(findings) if findings else list(self.labels.columns)].to_numpy(copy=True)
+        return ImageTextDataset([self.images[i] for i in p], [self.reports[i] for i in p], cxr_transform(image_size, train),
+                                perturbations=perturbations, labels=lab, seed=seed, max_words=self.max_words)
+
+def load_pairs(record:dict, # a data record: {'source', 'fingerprint', **the source's parameters}
+              )->CXRPairs:
+    "Rebuild the pairs a data record describes (the `'vlm'` run kind's `load_data`)."
+    if not isinstance(record, dict) or 'source' not in record: raise InputError(f"not a vlm data record: {record!r}")
+    return PAIR_SOURCES.create(record['source'], **{k: v for k, v in record.items() if k not in ('source', 'fingerprint')})
+
+# %% ../../nbs/41_vlm_data.ipynb
+@PAIR_SOURCES.register('synth')
+def synth_pairs(n:int=2000,          # cases
+                size:int=224,        # image side, pixels
+                seed:int=0,          # generator seed
+                p_finding:float=0.4, # probability of each finding
+                max_words:int=0,     # report length cap in words (0 = none)
+               )->CXRPairs:
+    "The synthetic image–report set (labelled synthetic), with its record."
+    params = dict(n=n, size=size, seed=seed, p_finding=p_finding, max_words=max_words)
+    s = make_synth_cxr(n, size, seed=seed, p_finding=p_finding)
+    fp = stable_hash({'generator': 'make_synth_cxr', **params})
+    return CXRPairs([f'synth_{i:05d}' for i in range(n)], list(s.images), s.reports, data_record('synth', fp, **params), s.labels())
+
+@PAIR_SOURCES.register('openi')
+def openi_pairs(xml_dir:str,         # folder of Open-I report XML files
+                image_dir:str,       # folder of the PNG images
+                max_words:int=0,     # report length cap in words (0 = none)
+               )->CXRPairs:
+    "Open-I pairs (one per image), with their record."
+    xml_dir, image_dir = Path(xml_dir).resolve(), Path(image_dir).resolve()
+    df = load_openi(xml_dir, image_dir, max_words=max_words or None)
+    fp = stable_hash([fingerprint_files(sorted(xml_dir.glob('*.xml')), root=xml_dir),
+                      fingerprint_files(df.image, root=image_dir, chunk=IMAGE_FINGERPRINT_BYTES)])
+    rec = data_record('openi', fp, xml_dir=str(xml_dir), image_dir=str(image_dir), max_words=max_words)
+    return CXRPairs(df.id.tolist(), df.image.tolist(), df.report.tolist(), rec)
+
+def _image_exists(p):
+    if not Path(p).is_file(): raise InputError(f"{p}: image not found")
+
+def _check_image(a:np.ndarray, name:str):
+    "A grey image is 2-D, finite and at least MIN_IMAGE_SIDE pixels on each side."
+    check_array(a, name, ndim=2)
+    if min(a.shape) < MIN_IMAGE_SIDE:
+        raise InputError(f"{name}: image of {a.shape[1]}×{a.shape[0]} pixels; expected at least {MIN_IMAGE_SIDE} on each side")
+
+def _check_image_file(p): _check_image(read_image(p, 'grey', as_float=True), str(p))
+
+@PAIR_SOURCES.register('mimic')
+def mimic_pairs(metadata:str,        # mimic-cxr-2.0.0-metadata.csv
+                image_root:str,      # folder holding files/ of MIMIC-CXR-JPG
+                report_root:str='',  # folder holding the reports' files/ ('' = image_root)
+                max_words:int=0,     # report length cap in words (0 = none)
+               )->CXRPairs:
+    "MIMIC-CXR-JPG pairs (frontal views, FINDINGS section), with their record."
+    metadata, image_root = Path(metadata).resolve(), Path(image_root).resolve()
+    report_root = Path(report_root).resolve() if report_root else image_root
+    df = load_mimic_cxr(metadata, image_root, report_root, max_words=max_words or None)
+    check_all(df.image, _image_exists, 'MIMIC-CXR-JPG images')
+    fp = stable_hash([fingerprint_files([metadata]), fingerprint_files(sorted(set(df.report_file)), root=report_root),
+                      fingerprint_files(df.image, root=image_root, chunk=IMAGE_FINGERPRINT_BYTES)])
+    rec = data_record('mimic', fp, metadata=str(metadata), image_root=str(image_root), report_root=str(report_root),
+                      max_words=max_words)
+    return CXRPairs(df.id.tolist(), df.image.tolist(), df.report.tolist(), rec)
+
+# %% ../../nbs/41_vlm_data.ipynb
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)   # train, val, test
+
+def split_pairs(pairs:CXRPairs, seed:int=0,             # split seed
+                fractions:Sequence[float]=SPLIT_FRACTIONS, # train, val, test
+               )->dict[str, list[str]]:                 # {'train': ids, 'val': ids, 'test': ids}
+    "Train/val/test pair ids; identical reports stay in one part."
+    keys = [clean_report(r, pairs.max_words) for r in pairs.reports]
+    uniq, inv = np.unique(keys, return_inverse=True)
+    if len(uniq) < 10:
+        raise InputError(f"{pairs.describe()}: {len(uniq)} distinct reports; a train/val/test split needs at least 10")
+    part = np.empty(len(uniq), int)
+    for k, g in enumerate(stratified_split(np.zeros(len(uniq), int), fractions, seed)): part[g] = k
+    return {name: [pairs.ids[i] for i in np.flatnonzero(part[inv] == k)] for k, name in enumerate(('train', 'val', 'test'))}
+
+# %% ../../nbs/41_vlm_data.ipynb
+@dataclass
+class PairsConfig(Config):
+    data: Literal['synth', 'openi', 'mimic', 'run'] = 'synth' # image–report source ('run': the data stored in the run folder)
+    xml_dir: str = ''        # Open-I: folder of report XML files
+    image_dir: str = ''      # Open-I: folder of PNG images
+    metadata: str = ''       # MIMIC-CXR-JPG: metadata CSV
+    image_root: str = ''     # MIMIC-CXR-JPG: folder holding files/
+    report_root: str = ''    # MIMIC-CXR: folder holding the reports' files/ ('' = --image-root)
+    n_synth: int = 0         # synthetic cases (0 = 48 with --quick, else 2000)
+    max_words: int = 0       # report length cap in words (0 = none)
+
+    def check(self):
+        if self.data == 'openi' and not (self.xml_dir and self.image_dir): raise ConfigError("--data openi needs --xml-dir and --image-dir")
+        if self.data == 'mimic' and not (self.metadata and self.image_root): raise ConfigError("--data mimic needs --metadata and --image-root")
+        if self.n_synth != 0 and self.n_synth < 10: raise ConfigError(f"--n-synth {self.n_synth}: expected 0 (default size) or ≥ 10 cases")
+        if self.max_words < 0: raise ConfigError(f"--max-words {self.max_words}: expected ≥ 0 (0 = no cap)")
+        return super().check()
+
+    def build(self, size:int=224, # synthetic image side
+              seed:int=0,         # synthetic generator seed
+              quick:bool=False,   # the quick default size of the synthetic set
+             )->CXRPairs:
+        "The pairs these options describe."
+        self.check()
+        if self.data == 'run': raise ConfigError("--data run: the data of a run folder is read by `vlm eval` / `vlm finetune`, not built")
+        if self.data == 'synth':
+            return synth_pairs(self.n_synth or (48 if quick else 2000), size, seed=seed, max_words=self.max_words)
+        if self.data == 'openi': return openi_pairs(self.xml_dir, self.image_dir, self.max_words)
+        return mimic_pairs(self.metadata, self.image_root, self.report_root, self.max_words)
+
+# %% ../../nbs/41_vlm_data.ipynb
+def chexpert_dataset(csv:str|Path, root:str|Path,                     # as `load_chexpert`
+                     findings:Sequence[str]=('Consolidation', 'Pleural Effusion'),
+                     image_size:int=224)->ImageTextDataset:
+    "A labelled image dataset from a CheXpert CSV (evaluation transform; reports are placeholders); every image is read once first."
+    df = load_chexpert(csv, root, findings)
+    if not len(df): raise InputError(f"{csv}: no frontal images")
+    check_all(df.image, _check_image_file, f'images of {csv}')
+    return ImageTextDataset(df.image.tolist(), ['image'] * len(df), cxr_transform(image_size), perturbations=False,
+                            labels=df[list(findings)].values)
 
 # %% ../../nbs/41_vlm_data.ipynb
 def make_synth_nli(n:int, seed:int=0)->pd.DataFrame: # columns: premise, hypothesis, label (index into NLI_LABELS)

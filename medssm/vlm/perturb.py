@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 import numpy as np
+from ..bench import median_ms
 from ..core import ConfigError, InputError
 
 # %% auto 0
@@ -18,7 +19,7 @@ __all__ = ['NOUN_TAGS', 'ADJ_TAGS', 'VERB_TAGS', 'SPACY_FALLBACKS', 'ANTONYM_FIL
            'Tagged', 'PosTagger', 'get_tagger', 'load_antonyms', 'shuffle_nouns_adjs', 'shuffle_all_but_nouns_adjs',
            'shuffle_nouns_verbs_adjs', 'shuffle_within_trigrams', 'shuffle_trigrams', 'shuffle_all', 'reverse',
            'swap_adjacent', 'antonym_adjs', 'Perturbation', 'apply_perturbation', 'perturb', 'perturb_batch',
-           'bench_perturb']
+           'read_report_lines', 'bench_perturb']
 
 # %% ../../nbs/40_vlm_perturb.ipynb
 _SENT_SPLIT = re.compile(r'[.!?;:\n\r]+')
@@ -113,8 +114,10 @@ ANTONYM_FILE = 'wordnet30_adj_antonyms.tsv'
 
 def _antonym_candidates()->list[Path]:
     env = os.environ.get('MEDSSM_WORDNET_ANTONYMS')
-    here = Path(__file__).resolve().parent if '__file__' in globals() else Path.cwd()
-    return ([Path(env)] if env else []) + [p/'data'/'vlm'/ANTONYM_FILE for p in (here, *here.parents)][:4]
+    roots = [Path(__file__).resolve().parent] if '__file__' in globals() else []     # the package's checkout …
+    roots.append(Path.cwd())                                                          # … or the working folder
+    cands = [d/'data'/'vlm'/ANTONYM_FILE for r in roots for d in (r, *r.parents)[:4]]
+    return ([Path(env)] if env else []) + list(dict.fromkeys(cands))
 
 _ANTONYMS: dict[str, dict[str, str]] = {}
 def load_antonyms(path:str|Path|None=None)->dict[str, str]:
@@ -254,14 +257,28 @@ def perturb_batch(reports:Sequence[str],            # raw or cleaned reports
     return out
 
 # %% ../../nbs/40_vlm_perturb.ipynb
+def read_report_lines(path:str|Path, # text file, one report per line
+                      n:int|None=None, # keep the first n reports (None: all)
+                     )->list[str]:
+    "The non-blank lines of a text file, as reports."
+    p = Path(path)
+    if not p.is_file(): raise InputError(f"{p}: file not found (expected a text file with one report per line)")
+    reports = [l for l in p.read_text(encoding='utf-8').splitlines() if l.strip()][:n]
+    if not reports: raise InputError(f"{p}: no reports (expected one report per line)")
+    return reports
+
+# %% ../../nbs/40_vlm_perturb.ipynb
 def bench_perturb(reports:Sequence[str], # the batch (e.g. 1,000 reports)
                   seed:int=0, pipeline:str='en_core_web_sm',
+                  repeat:int=3,          # timed passes (median)
                  )->dict:                 # {'reports', 'seconds', 'reports_per_s', 'unique_sentences'}
-    "Time `perturb_batch` (all nine perturbations) over `reports` from an empty sentence cache."
+    "Median time of `perturb_batch` (all nine perturbations) over `reports`, from an empty sentence cache each pass."
+    if not len(reports): raise ConfigError("bench_perturb: no reports to perturb")
     tagger = PosTagger(pipeline)
     load_antonyms()
-    t0 = time.perf_counter()
-    perturb_batch(reports, seed=seed, tagger=tagger)
-    dt = time.perf_counter() - t0
-    return {'reports': len(reports), 'seconds': round(dt, 4), 'reports_per_s': round(len(reports) / dt, 1),
+    def one_pass():
+        tagger.cache.clear()
+        perturb_batch(reports, seed=seed, tagger=tagger)
+    seconds = median_ms(one_pass, repeat=repeat, warmup=1) / 1000
+    return {'reports': len(reports), 'seconds': round(seconds, 4), 'reports_per_s': round(len(reports) / seconds, 1),
             'unique_sentences': len(tagger.cache)}

@@ -13,18 +13,9 @@ import ipywidgets as W
 import matplotlib.pyplot as plt
 from ..core import InputError
 from ..widgets import FigureWidget, overlay_figure
-from .perturb import (PERTURBATIONS, PERTURBATION_NAMES, Perturbation, PosTagger, Tagged, get_tagger, load_spacy,
-                                load_antonyms, clean_report, split_sentences, perturb, perturb_batch, apply_perturbation,
-                                pos_class, bench_perturb)
-from .data import (load_image, cxr_transform, load_openi, load_mimic_cxr, load_chexpert, load_nli, NLI_LABELS,
-                             CHEXPERT_FINDINGS, SYNTH_FINDINGS, SynthCXR, make_synth_cxr, make_synth_nli, ImageTextDataset,
-                             collate_vlm)
-from .models import (global_loss, local_loss, local_scores, perturbation_loss, total_loss, word_region_attention,
-                               LossConfig, METHODS, METHOD_TITLES, method_config, ImageEncoder, TextEncoder, VLM, VLMConfig,
-                               IMAGE_BACKBONES, default_text_model)
-from .train import (PretrainConfig, FinetuneConfig, pretrain, load_pretrained, pretrain_step, embed,
-                              semantic_structure_eval, retrieval_eval, finetune_image, finetune_nli, word_attention,
-                              compare_methods, pert_accuracy)
+from .perturb import PERTURBATIONS, PERTURBATION_NAMES, get_tagger, clean_report, perturb_batch, pos_class
+from .models import VLM
+from .train import word_attention
 
 # %% auto 0
 __all__ = ['POS_COLOURS', 'coloured_words', 'perturbation_table', 'PerturbationExplorer', 'AttentionExplorer']
