@@ -12,11 +12,12 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import StratifiedKFold, train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 from .core import InputError, ConfigError, atomic_write, save_json, load_json, stable_hash
 
 # %% auto 0
-__all__ = ['accuracy', 'auroc', 'mean_std_ci', 'summarize', 'Fold', 'make_folds', 'CVResult', 'write_csv', 'cross_validate']
+__all__ = ['BOUNDED', 'accuracy', 'auroc', 'auroc_weighted', 'mean_std_ci', 'metric_bounds', 'summarize', 'paired_test', 'Fold',
+           'make_folds', 'CVResult', 'write_csv', 'cross_validate']
 
 # %% ../nbs/02_metrics.ipynb
 def _as_2d_probs(output):
@@ -37,8 +38,9 @@ def accuracy(target:Sequence[int], # true class per sample
 
 def auroc(target:Sequence[int], # true class per sample
           output:np.ndarray,    # (N, C) class probabilities, or (N,) positive-class probability
+          average:str='macro',  # multiclass one-vs-rest: 'macro' (classes equal) or 'weighted' (by prevalence)
          )->float:
-    "Area under the ROC curve: binary on the positive class, multiclass one-vs-rest (macro)."
+    "Area under the ROC curve: binary on the positive class, multiclass one-vs-rest (macro or weighted)."
     target, probs = np.asarray(target), _as_2d_probs(output)
     if len(probs) != len(target): raise InputError(f"auroc: {len(probs)} outputs for {len(target)} targets")
     if len(np.unique(target)) < 2:
@@ -48,21 +50,35 @@ def auroc(target:Sequence[int], # true class per sample
     present = np.unique(target)
     if len(present) < probs.shape[1]:     # one-vs-rest over the classes that occur
         p = probs[:, present] / probs[:, present].sum(1, keepdims=True)
-        return float(roc_auc_score(target, p, multi_class='ovr', labels=present))
-    return float(roc_auc_score(target, probs, multi_class='ovr'))
+        return float(roc_auc_score(target, p, multi_class='ovr', labels=present, average=average))
+    return float(roc_auc_score(target, probs, multi_class='ovr', average=average))
+
+def auroc_weighted(target, output)->float:
+    "Multiclass one-vs-rest AUROC weighted by class prevalence (what the SSM-MIL reference code reports)."
+    return auroc(target, output, average='weighted')
 
 # %% ../nbs/02_metrics.ipynb
 def mean_std_ci(values:Sequence[float], # one value per fold / seed / task
                 confidence:float=0.95,
+                bounds:tuple|None=None,  # the metric's range, e.g. (0, 1): the interval is clipped to it
                )->dict:
-    "Mean, sample std, and the t-distribution confidence interval of the mean (NaNs dropped and counted)."
+    "Mean, sample std, median, and the t-distribution confidence interval of the mean (NaNs dropped and counted)."
     v = np.asarray(values, dtype=float)
     n_nan = int(np.isnan(v).sum()); v = v[~np.isnan(v)]
     n = len(v)
-    if n == 0: return dict(mean=float('nan'), std=float('nan'), ci_low=float('nan'), ci_high=float('nan'), n=0, n_nan=n_nan)
+    if n == 0: return dict(mean=float('nan'), std=float('nan'), median=float('nan'), ci_low=float('nan'),
+                           ci_high=float('nan'), n=0, n_nan=n_nan)
     mean, std = float(v.mean()), float(v.std(ddof=1)) if n > 1 else 0.0
     half = float(stats.t.ppf((1 + confidence) / 2, n - 1) * std / np.sqrt(n)) if n > 1 else float('nan')
-    return dict(mean=mean, std=std, ci_low=mean - half, ci_high=mean + half, n=n, n_nan=n_nan)
+    lo, hi = mean - half, mean + half
+    if bounds is not None and n > 1: lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return dict(mean=mean, std=std, median=float(np.median(v)), ci_low=lo, ci_high=hi, n=n, n_nan=n_nan)
+
+BOUNDED = ('acc', 'auroc', 'dice', 'f1', 'precision', 'recall', 'sensitivity', 'specificity')  # metric names in [0, 1]
+
+def metric_bounds(name:str)->tuple|None:
+    "(0, 1) for metrics whose name says they are fractions (accuracy, AUROC, Dice, …), else None."
+    return (0.0, 1.0) if any(b in name.lower() for b in BOUNDED) and 'loss' not in name.lower() else None
 
 def summarize(df:pd.DataFrame,            # one row per fold/seed, numeric metric columns
               by:str|list[str]|None=None, # group column(s), e.g. 'model'
@@ -76,12 +92,30 @@ def summarize(df:pd.DataFrame,            # one row per fold/seed, numeric metri
         row = dict(zip(by_cols, key if isinstance(key, tuple) else (key,)))
         for col in g.select_dtypes('number').columns:
             if col in by_cols or col == 'fold' or col == 'seed': continue
-            s = mean_std_ci(g[col], confidence)
+            s = mean_std_ci(g[col], confidence, bounds=metric_bounds(col))
+            if s['n'] < 2:        # one value: no spread, no interval — say so instead of "± 0.0000 [nan, nan]"
+                row[col] = f"{s['mean']:.{digits}f}"; row[f'{col} CI{int(confidence * 100)}'] = 'n = 1'
+                continue
             row[col] = f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
             row[f'{col} CI{int(confidence * 100)}'] = f"[{s['ci_low']:.{digits}f}, {s['ci_high']:.{digits}f}]"
         row['n'] = len(g)
         rows.append(row)
     return pd.DataFrame(rows)
+
+# %% ../nbs/02_metrics.ipynb
+def paired_test(a:Sequence[float], # one value per case for model A
+                b:Sequence[float], # the same cases for model B
+               )->dict:            # n, median and mean difference (A − B), Wilcoxon statistic and p-value
+    "Wilcoxon signed-rank test of A against B on paired values (pairs with a NaN are dropped and counted)."
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if a.shape != b.shape: raise InputError(f"paired_test: {len(a)} values for A but {len(b)} for B (they must be paired)")
+    keep = ~(np.isnan(a) | np.isnan(b)); d = a[keep] - b[keep]
+    out = dict(n=int(keep.sum()), n_dropped=int((~keep).sum()), median_diff=float(np.median(d)) if len(d) else float('nan'),
+               mean_diff=float(d.mean()) if len(d) else float('nan'), statistic=float('nan'), p_value=float('nan'))
+    if len(d) and np.any(d != 0):
+        r = stats.wilcoxon(a[keep], b[keep])
+        out.update(statistic=float(r.statistic), p_value=float(r.pvalue))
+    return out
 
 # %% ../nbs/02_metrics.ipynb
 @dataclass
@@ -95,22 +129,41 @@ def make_folds(labels:Sequence[int], # class label per sample
                n_splits:int=5, seed:int=0,
                test_idx:Sequence[int]|None=None, # a fixed test set (then folds split the rest into train/val)
                val_fraction:float=0.2, # share of the non-test samples used for validation (k-fold test mode)
+               groups:Sequence|None=None, # patient/case id per sample: a group never spans two parts
               )->list[Fold]:
-    "Stratified, seeded k-fold (train, val, test) splits."
+    "Stratified, seeded k-fold (train, val, test) splits; grouped (no patient in two parts) when `groups` is given."
     labels = np.asarray(labels)
     if n_splits < 2: raise ConfigError(f"n_splits={n_splits}: expected at least 2 folds")
-    counts = np.bincount(labels) if len(labels) else np.array([0])
-    if (counts[counts > 0] < n_splits).any():
-        raise ConfigError(f"n_splits={n_splits}: a class has only {counts[counts > 0].min()} samples; each class needs ≥ n_splits")
-    skf = StratifiedKFold(n_splits, shuffle=True, random_state=seed)
+    if groups is not None:
+        groups = np.asarray(groups)
+        if len(groups) != len(labels): raise InputError(f"groups: {len(groups)} ids for {len(labels)} samples")
+        per_class = [len(np.unique(groups[labels == c])) for c in np.unique(labels)]
+        if min(per_class) < n_splits:
+            raise ConfigError(f"n_splits={n_splits}: a class has only {min(per_class)} patients/cases; each class needs ≥ n_splits")
+        splitter = StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed)
+        split = lambda idx, k: splitter.split(idx, labels[idx], groups[idx])
+    else:
+        counts = np.bincount(labels) if len(labels) else np.array([0])
+        if (counts[counts > 0] < n_splits).any():
+            raise ConfigError(f"n_splits={n_splits}: a class has only {counts[counts > 0].min()} samples; each class needs ≥ n_splits")
+        splitter = StratifiedKFold(n_splits, shuffle=True, random_state=seed)
+        split = lambda idx, k: splitter.split(idx, labels[idx])
     if test_idx is not None:
         test_idx = np.sort(np.asarray(test_idx)); rest = np.setdiff1d(np.arange(len(labels)), test_idx)
-        return [Fold(np.sort(rest[tr]), np.sort(rest[va]), test_idx) for tr, va in skf.split(rest, labels[rest])]
+        return [Fold(np.sort(rest[tr]), np.sort(rest[va]), test_idx) for tr, va in split(rest, 0)]
     folds = []
-    for k, (rest, te) in enumerate(skf.split(labels, labels)):
-        tr, va = train_test_split(rest, test_size=val_fraction, random_state=seed + k, stratify=labels[rest])
+    for k, (rest, te) in enumerate(split(np.arange(len(labels)), 0)):
+        tr, va = _carve(rest, labels, groups, val_fraction, seed + k)
         folds.append(Fold(np.sort(tr), np.sort(va), np.sort(te)))
     return folds
+
+def _carve(idx, labels, groups, fraction, seed):
+    "Split `idx` into (train, val) with about `fraction` in val, stratified, whole groups when given."
+    if groups is None:
+        return train_test_split(idx, test_size=fraction, random_state=seed, stratify=labels[idx])
+    k = max(2, round(1 / fraction))
+    tr, va = next(StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(idx, labels[idx], groups[idx]))
+    return idx[tr], idx[va]
 
 # %% ../nbs/02_metrics.ipynb
 @dataclass
