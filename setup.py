@@ -15,17 +15,20 @@ statuses = ['Planning', 'Pre-Alpha', 'Alpha', 'Beta', 'Production/Stable', 'Matu
 lic = licenses[cfg['license'].lower()]
 requirements = shlex.split(cfg.get('requirements', ''))
 dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
-extras = {'dev': dev_requirements}
-for key in [k for k in cfg if k.startswith('extra_') and k.endswith('_requirements')]:
-    name = key[len('extra_'):-len('_requirements')]
-    extras[name] = shlex.split(cfg[key])
-    extras['dev'] += extras[name]
+# Extras: one per paper ([wsi], [seg], [meta], [vlm]), [notebooks], [docs]; [all] is all of them, [dev] adds the test tools.
+extras = {key[len('extra_'):-len('_requirements')]: shlex.split(cfg[key])
+          for key in cfg if key.startswith('extra_') and key.endswith('_requirements')}
+extras['all'] = sorted({r for reqs in extras.values() for r in reqs})
+extras['dev'] = extras['all'] + dev_requirements
 
 setuptools.setup(
     name=cfg['lib_name'], license=lic[0], version=cfg['version'],
     classifiers=['Development Status :: ' + statuses[int(cfg['status'])], 'Intended Audience :: ' + cfg['audience'].title(),
                  'License :: ' + lic[1], 'Natural Language :: ' + cfg['language'].title(), 'Programming Language :: Python :: 3'],
-    url=cfg['git_url'], packages=setuptools.find_packages(include=['medssm', 'medssm.*']), include_package_data=True,
+    url=cfg['git_url'],
+    # the repository's data/ (embedded demo data) ships inside the package as medssm/_data, so a wheel runs `medssm demo`
+    packages=setuptools.find_packages(include=['medssm', 'medssm.*']) + ['medssm._data'],
+    package_dir={'medssm._data': 'data'}, package_data={'medssm._data': ['*/*']}, include_package_data=True,
     install_requires=requirements, extras_require=extras, python_requires='>=' + cfg['min_python'],
     long_description=open('README.md', encoding='utf-8').read(), long_description_content_type='text/markdown',
     zip_safe=False, entry_points={'console_scripts': shlex.split(cfg.get('console_scripts', '')),

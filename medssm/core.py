@@ -11,8 +11,9 @@ from typing import Any, ClassVar, Literal
 
 # %% auto 0
 __all__ = ['MedssmError', 'InputError', 'ConfigError', 'TrainingError', 'bad_value', 'derive_seed', 'seed_everything',
-           'set_deterministic', 'get_device', 'set_threads', 'run_mode', 'quick_mode', 'atomic_path', 'atomic_write',
-           'to_jsonable', 'remove_stale_temps', 'pid_alive', 'save_json', 'load_json', 'Config', 'stable_hash']
+           'set_deterministic', 'get_device', 'set_threads', 'run_mode', 'quick_mode', 'MissingDependency', 'require',
+           'data_path', 'atomic_path', 'atomic_write', 'to_jsonable', 'remove_stale_temps', 'pid_alive',
+           'exit_with_parent', 'save_json', 'load_json', 'Config', 'stable_hash']
 
 # %% ../nbs/00_core.ipynb
 class MedssmError(Exception):
@@ -101,6 +102,30 @@ def quick_mode()->bool:
     return run_mode() == 'quick'
 
 # %% ../nbs/00_core.ipynb
+class MissingDependency(MedssmError, ImportError):
+    "An optional dependency is not installed (the message names the `pip install` that adds it)."
+
+def require(module:str,  # the module to import, e.g. 'openslide'
+            extra:str,   # the medssm extra that installs it, e.g. 'wsi'
+            what:str='', # what needs it, for the message
+           ):
+    "Import an optional dependency, or raise `MissingDependency` naming the extra that installs it."
+    import importlib
+    try: return importlib.import_module(module)
+    except ImportError as e:
+        need = f" ({what})" if what else ''
+        raise MissingDependency(f"{module} is not installed{need}: pip install \"medssm[{extra}]\" ({e})") from None
+
+def data_path(*parts:str)->Path:
+    "A file of the embedded demo data, e.g. `data_path('wsi', 'ihc_demo.tiff')` (wheel or repository checkout)."
+    import importlib.util
+    pkg = Path(importlib.util.find_spec('medssm').origin).resolve().parent   # the installed package (or the checkout's)
+    tried = [pkg/'_data', pkg.parent/'data']
+    for root in tried:
+        if root.joinpath(*parts).exists(): return root.joinpath(*parts)
+    raise InputError(f"{'/'.join(parts)}: not in the embedded data (looked in {', '.join(map(str, tried))})")
+
+# %% ../nbs/00_core.ipynb
 @contextlib.contextmanager
 def atomic_path(path:str|Path, # the final destination
                ):
@@ -151,6 +176,16 @@ def pid_alive(pid:int)->bool:
     except ProcessLookupError: return False
     except PermissionError: return True              # alive, owned by another user
     return True
+
+def exit_with_parent(poll:float=1.0, # seconds between checks
+                    ):
+    "In a worker process: exit as soon as the process that started it is gone, instead of running on as an orphan."
+    import threading, time
+    parent = os.getppid()
+    def watch():                                     # portable (no prctl): a killed parent re-parents us to init
+        while os.getppid() == parent: time.sleep(poll)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name='exit-with-parent').start()
 
 def save_json(obj, path:str|Path, indent:int=2):
     "Write `obj` as JSON atomically (numpy, torch, Path and config values converted)."

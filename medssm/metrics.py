@@ -16,8 +16,8 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train
 from .core import InputError, ConfigError, atomic_write, save_json, load_json, stable_hash
 
 # %% auto 0
-__all__ = ['BOUNDED', 'accuracy', 'auroc', 'auroc_weighted', 'mean_std_ci', 'metric_bounds', 'summarize', 'paired_test', 'Fold',
-           'make_folds', 'CVResult', 'write_csv', 'cross_validate']
+__all__ = ['BOUNDED', 'NONNEGATIVE', 'accuracy', 'auroc', 'auroc_weighted', 'mean_std_ci', 'metric_bounds', 'summarize',
+           'paired_test', 'Fold', 'make_folds', 'CVResult', 'write_csv', 'cross_validate']
 
 # %% ../nbs/02_metrics.ipynb
 def _as_2d_probs(output):
@@ -76,9 +76,14 @@ def mean_std_ci(values:Sequence[float], # one value per fold / seed / task
 
 BOUNDED = ('acc', 'auroc', 'dice', 'f1', 'precision', 'recall', 'sensitivity', 'specificity')  # metric names in [0, 1]
 
+NONNEGATIVE = ('hd95', 'hausdorff', 'assd', 'distance', 'latency', 'seconds', '_ms', 'peak_mb')  # metric names ≥ 0
+
 def metric_bounds(name:str)->tuple|None:
-    "(0, 1) for metrics whose name says they are fractions (accuracy, AUROC, Dice, …), else None."
-    return (0.0, 1.0) if any(b in name.lower() for b in BOUNDED) and 'loss' not in name.lower() else None
+    "(0, 1) for fractions (accuracy, AUROC, Dice, …), (0, inf) for distances and times (HD95, ASSD, ms), else None."
+    name = name.lower()
+    if 'loss' in name: return None
+    if any(b in name for b in BOUNDED): return (0.0, 1.0)
+    return (0.0, float('inf')) if any(b in name for b in NONNEGATIVE) else None
 
 def summarize(df:pd.DataFrame,            # one row per fold/seed, numeric metric columns
               by:str|list[str]|None=None, # group column(s), e.g. 'model'

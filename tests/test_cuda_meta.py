@@ -17,10 +17,13 @@ def _cfg(method:str, **changes):
     return base_config('digits', quick=True, **{**d, **changes})
 
 
-@pytest.mark.parametrize('method', ['maml', 'lazy_maml', 'lazy_reptile'])
-def test_meta_training_steps_under_amp(method):
+@pytest.mark.parametrize('method,changes', [('maml', {}), ('lazy_maml', {}), ('lazy_reptile', {}), ('lazy_maml', {'bn': 'support'}),
+                                            ('lazy_maml', {'inner_opt': 'adam', 'leap': 'literal'}), ('anil', {}), ('metasgd', {}),
+                                            ('imaml', {'cg_steps': 3})])
+def test_meta_training_steps_under_amp(method, changes):
+    "A Conv-4 meta-trained on the GPU under the loop's AMP: every method (ANIL, Meta-SGD, iMAML too), support BN, inner Adam."
     from medssm.meta.train import build_model, meta_train
-    cfg = _cfg(method)
+    cfg = _cfg(method, **changes)
     start = {k: v.clone() for k, v in build_model(cfg).state_dict().items()}
     r = meta_train(cfg)
     assert next(r.model.parameters()).is_cuda
@@ -43,6 +46,17 @@ def test_sinusoid_amp_matches_fp32_closely():
     with torch.autocast('cuda', dtype=torch.float16):
         _, amp = meta_step(net, batch, cfg)
     torch.testing.assert_close(amp['loss'].float(), fp32['loss'], rtol=5e-2, atol=5e-2)
+
+
+def test_attack_step_on_cuda():
+    "Du et al.'s attack loop with a black box and an attacker on the GPU: queries counted, the iterate a valid image."
+    from medssm.meta.attack import AttackConfig, MetaAttacker, QueryCounter, attack_image
+    torch.manual_seed(0)
+    box = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).cuda()
+    x = torch.rand(1, 8, 8, device='cuda'); y = int(box(x[None]).argmax())
+    r = attack_image(QueryCounter(box), x, y, AttackConfig(max_iters=6, coords=4, finetune_every=3), MetaAttacker(1, 4).cuda())
+    assert r.adversarial.is_cuda and 0 <= float(r.adversarial.min()) and float(r.adversarial.max()) <= 1
+    assert r.queries <= 1 + 6 + 2 * 2 * 4
 
 
 def test_lazy_memory_flat_in_k_on_cuda():

@@ -60,3 +60,22 @@ def test_s4d_layer_methods_agree_under_autocast():
         layer.method = 'chunked'; a = layer(x).float()
         layer.method = 'fft'; b = layer(x).float()
     assert torch.isfinite(a).all() and ((a - b).abs().max() / b.abs().max()).item() < 1e-2
+
+
+def test_multitask_step_and_patch_scores_on_cuda():
+    "Eq. 7 on CUDA under AMP with unlabelled patches (−100) in the batch, and patch scores in file order equal the CPU's."
+    from medssm.mil.data import Bag
+    from medssm.mil.heatmaps import bag_patch_scores, patch_scores
+    from medssm.mil.train import build_mil_model
+    bags = DigitBags(n_bags=8, min_len=200, max_len=400, in_dim=64, witness_rate=0.05, seed=1)
+    bags.patch_labels = [pl if i % 2 else np.full(len(pl), -100) for i, pl in enumerate(bags.patch_labels)]
+    cfg = MILConfig(in_dim=64, d_state=16, multitask=True).replace(device='cuda', amp=True, max_epochs=1, lr=1e-3, progress=False)
+    res = train_mil(cfg, bags, model=build_mil_model(cfg))
+    assert math.isfinite(res.history[0]['train_loss'])
+    x = bags.features(0)
+    order = np.random.default_rng(0).permutation(len(x))
+    bag = Bag(x, None, order)                                   # a bag whose file rows are permuted
+    gpu = bag_patch_scores(res.model.cuda(), bag)
+    cpu = bag_patch_scores(res.model.cpu(), bag)
+    assert np.allclose(gpu, cpu, atol=1e-4)
+    assert np.allclose(gpu[order], patch_scores(res.model, x), atol=1e-4)   # file row order[i] holds reading position i

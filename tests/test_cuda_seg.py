@@ -1,5 +1,6 @@
 """Paper 2 on CUDA: one training step of the paper's main model (Lighter U-Net@128, paper width, 256²) under AMP,
-through the shared loop and by hand; and an AMP run folder whose evaluation reproduces its stored test metrics.
+through the shared loop and by hand; an AMP run folder (the recipe's default on CUDA, with loader workers) whose fp32
+evaluation reproduces its stored test metrics; the parity gate keeps fp32 on CUDA (no faster path is offered there).
 Skipped where torch sees no CUDA device."""
 import math
 import pytest
@@ -32,10 +33,14 @@ def test_one_amp_epoch_through_fit(tmp_path):
     from medssm.seg.data import load_cases, split_names
     from medssm.seg.train import SegConfig, train_seg_run
     from medssm.seg.deploy import evaluate_seg_run
-    cfg = SegConfig(model='lighter_unet@128').replace(amp=True, device='cuda', max_epochs=1, steps_per_epoch=1,
+    from medssm.seg.train import loop_config
+    cfg = SegConfig(model='lighter_unet@128').replace(device='cuda', max_epochs=1, steps_per_epoch=1,
                                                       batch_size=2, early_stop_min_epochs=0)
+    assert cfg.fit.amp is True and loop_config(cfg).num_workers >= 1                 # AMP and loader workers on CUDA
     cases = load_cases('phantoms', patients=4, seed=0, size=(96, 128))
     summary = train_seg_run(cfg, cases, split_names(cases, seed=0), tmp_path/'run')
     assert summary['epochs'] == 1 and summary['params'] == 7_944_661 and 0 <= summary['test_dice'] <= 1
     ev, _ = evaluate_seg_run(tmp_path/'run')                                         # same device (the run's), fp32 eval
-    assert ev['reproduces_test_metrics'] is True
+    assert ev['reproduces_test_metrics'] is True and ev['path'] == 'fp32'
+    auto, _ = evaluate_seg_run(tmp_path/'run', path='auto')                          # CUDA: the gate has nothing faster to offer
+    assert auto['path'] == 'fp32' and auto['parity']['parity'] == {}

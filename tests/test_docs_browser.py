@@ -110,3 +110,30 @@ def test_widget_responds_to_input(browser, site):
     box.screenshot(path=str(OUT/'widget_after_input.png'))
     page.close()
     assert not problems, '\n'.join(problems)
+
+
+def test_search_finds_a_function_and_lands_on_its_api_entry(browser, site):
+    "Type a function's name in the sidebar's search box, press Enter: the API page opens at that function."
+    page, problems = open_page(browser, f'{site}00_core.html')
+    try:
+        page.fill('#medssm-search', 'load_weights')
+        page.wait_for_function("document.querySelectorAll('#medssm-results a').length > 0", timeout=10000)
+        assert page.locator('#medssm-results a').first.inner_text() == 'load_weights'
+        page.press('#medssm-search', 'Enter')
+        page.wait_for_url('**/api/medssm.weights.html#load_weights', timeout=10000)
+        assert page.locator('[id="load_weights"]').count() == 1 and 'allow_missing' in page.inner_text('main')
+        page.screenshot(path=str(OUT/'search.png'))
+        assert not problems, problems
+    finally: page.close()
+
+
+def test_every_module_has_an_api_page(browser, site, docs_site):
+    from medssm.tools.docs import library_modules
+    mods = library_modules()
+    missing = [m for m in mods if not (docs_site/'api'/f'{m}.html').exists()]
+    assert not missing, missing
+    page, problems = open_page(browser, f'{site}api/index.html')
+    try:
+        assert page.locator('table a').count() == len(mods)
+        assert not problems, problems
+    finally: page.close()

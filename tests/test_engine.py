@@ -128,6 +128,45 @@ def test_help_and_version_do_not_import_torch():
 
 
 
+def test_docs_tools_are_optional_but_named_when_missing(tmp_path):
+    "Without the [docs] extra the git filter (`medssm docs clean`) still works; building the site names the extra."
+    nb = {'cells': [{'cell_type': 'code', 'source': 'x = 1', 'outputs': [{'output_type': 'stream', 'text': '1'}],
+                     'execution_count': 3, 'metadata': {}, 'id': 'abc'}], 'metadata': {}, 'nbformat': 4, 'nbformat_minor': 5}
+    blocked = "import sys\nfor m in ('nbformat', 'nbclient', 'nbconvert', 'nbdev'): sys.modules[m] = None\n"
+    clean = blocked + "from medssm.cli import main\nsys.exit(main(['docs', 'clean']))"
+    r = subprocess.run([PY, '-c', clean], input=json.dumps(nb), env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    cell = json.loads(r.stdout)['cells'][0]
+    assert cell['outputs'] == [] and cell['execution_count'] is None and 'id' not in cell
+    build = blocked + f"from medssm.cli import main\nsys.exit(main(['docs', 'build', '--out', {str(tmp_path/'site')!r}]))"
+    r = subprocess.run([PY, '-c', build], env=ENV, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and 'pip install "medssm[docs]"' in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_an_isolated_child_does_not_outlive_a_killed_parent(tmp_path):
+    "`run_isolated` children (benchmarks, training workers use the same guard) exit when their parent is killed."
+    (tmp_path/'sleeper.py').write_text("import os, time\ndef sleep(pidfile, seconds):\n"
+                                       "    open(pidfile, 'w').write(str(os.getpid())); time.sleep(seconds)\n")
+    pidfile = tmp_path/'child.pid'
+    code = f"from medssm.bench import run_isolated\nrun_isolated('sleeper:sleep', {{'pidfile': {str(pidfile)!r}, 'seconds': 120}})"
+    env = {**ENV, 'PYTHONPATH': os.pathsep.join([str(tmp_path), ENV.get('PYTHONPATH', '')])}
+    parent = subprocess.Popen([PY, '-c', code], env=env)
+    try:
+        for _ in range(600):
+            if pidfile.exists() and pidfile.read_text(): break
+            time.sleep(0.1)
+        child = int(pidfile.read_text())
+        parent.kill(); parent.wait()
+        from medssm.core import pid_alive
+        for _ in range(100):
+            if not pid_alive(child): break
+            time.sleep(0.1)
+        alive = pid_alive(child)
+        if alive: os.kill(child, signal.SIGKILL)
+        assert not alive, 'the child ran on after its parent was killed'
+    finally: parent.kill()
+
+
 def test_exported_names_are_defined_once():
     "No two library modules export the same name (the `all` modules re-export; per-family registries excepted)."
     import importlib, pkgutil, medssm

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from medssm.core import InputError
 from medssm.meta.longtail import (LT_METHODS, LongTailStep, class_balanced_weights, eps_gradient, l2rw_weights, longtail_counts,
-                             split_state, virtual_step, val_loss_acc)
+                             longtail_seeds, paired_comparison, quick_longtail_config, split_state, virtual_step, val_loss_acc)
 
 
 
@@ -53,10 +53,13 @@ def test_eps_update_matches_finite_differences_of_its_definition():
     torch.testing.assert_close(step.weights(net, x, y), w - 2.0 * got)
 
 
-def test_lazy_eps_update_matches_finite_differences_through_the_leap():
+@pytest.mark.parametrize('leap_param', ['rate', 'literal'])
+def test_lazy_eps_update_matches_finite_differences_through_the_leap(leap_param):
+    "Both readings of the leap: rate (1−γ)θ̃ + γφ_k (default) and γθ̃ + (1−γ)φ_k as printed."
     net, x, y, w, xv, yv = _tiny(1)
     eta, k, h = 0.3, 3, 1e-6
-    res = eps_gradient(net, x, y, w, xv, yv, eta, k=k, gammas=torch.tensor([0.8, 0.9], dtype=torch.float64))
+    res = eps_gradient(net, x, y, w, xv, yv, eta, k=k, gammas=torch.tensor([0.8, 0.9], dtype=torch.float64), leap_param=leap_param)
+    w_teacher = 1 - res.gamma if leap_param == 'rate' else res.gamma   # the weight of θ̃(ε) in the leap
     assert res.gamma in (0.8, 0.9)
     theta, buffers = split_state(net)
     phi = virtual_step(net, theta, buffers, x, y, w, eta)                     # the student starts at θ̃(0) ...
@@ -65,13 +68,14 @@ def test_lazy_eps_update_matches_finite_differences_through_the_leap():
     fd = []
     for i in range(len(y)):
         e = torch.zeros(len(y), dtype=torch.float64); e[i] = h
-        fd.append((_val_after_virtual_step(net, x, y, w, e, xv, yv, eta, res.gamma, phi) -
-                   _val_after_virtual_step(net, x, y, w, -e, xv, yv, eta, res.gamma, phi)) / (2 * h))
+        fd.append((_val_after_virtual_step(net, x, y, w, e, xv, yv, eta, w_teacher, phi) -
+                   _val_after_virtual_step(net, x, y, w, -e, xv, yv, eta, w_teacher, phi)) / (2 * h))
     torch.testing.assert_close(res.grad, torch.tensor(fd, dtype=torch.float64), atol=1e-7, rtol=1e-5)
     # the chosen γ is the most accurate leap on the validation batch
     accs = []
     for g in (0.8, 0.9):
-        p = {n: g * t + (1 - g) * f for (n, t), f in zip(virtual_step(net, theta, buffers, x, y, w, eta).items(), phi)}
+        wt = 1 - g if leap_param == 'rate' else g
+        p = {n: wt * t + (1 - wt) * f for (n, t), f in zip(virtual_step(net, theta, buffers, x, y, w, eta).items(), phi)}
         accs.append(float(val_loss_acc(net, p, buffers, xv, yv)[1]))
     assert accs[(0.8, 0.9).index(res.gamma)] == max(accs)
 
@@ -153,3 +157,34 @@ def test_bad_longtail_values(tmp_path, capsys):
         rc, _, err = _cli(capsys, 'meta', 'longtail', '--quick', *flags, '--out', str(tmp_path/'x'))
         assert rc == 2 and msg in err and 'Traceback' not in err, (flags, err)
     assert not (tmp_path/'x').exists()
+
+
+def test_eps_scale_makes_eps_move_and_seeds_are_paired(tmp_path):
+    "With --eps-scale the per-example weights move (RMS ε = eps_scale × mean w_y); methods of one seed share their batches."
+    torch.set_num_threads(1)
+    net, x, y, w, xv, yv = _tiny(2)
+    cw = torch.tensor([0.3, 1.2, 2.5], dtype=torch.float64)
+    raw = LongTailStep('two_component', cw, (xv, yv), eta=0.1, tau=1.0)
+    scaled = LongTailStep('two_component', cw, (xv, yv), eta=0.1, tau=1.0, eps_scale=0.4)
+    w_raw, w_scaled = raw.weights(net, x, y), scaled.weights(net, x, y)
+    eps = w_scaled - cw[y]
+    assert (w_scaled >= 0).all()
+    assert abs(scaled.stats['eps_rel'][0] - 0.4) < 1e-6 and scaled.stats['eps_std'][0] > 0
+    # the direction of ε is the raw gradient's: the scaled ε is a positive multiple of the raw one (before clipping)
+    raw_eps = w_raw - cw[y]
+    ratio = eps[(cw[y] + eps) > 0] / raw_eps[(cw[y] + eps) > 0]
+    assert (ratio > 0).all() and float(ratio.max() - ratio.min()) < 1e-6 * float(ratio.abs().max())
+    c = quick_longtail_config(max_epochs=2, t1=1, eps_scale=0.5)
+    long = longtail_seeds(c, 20, ('cb_ce', 'two_component', 'lazy_two_component'), seeds=(0, 1), out=tmp_path)
+    assert sorted(long.seed.unique()) == [0, 1] and len(long) == 6
+    assert (long[long.method == 'lazy_two_component'].eps_rel.round(3) == 0.5).all()
+    cmp = paired_comparison(long, 'lazy_two_component', 'cb_ce')
+    assert cmp['seeds'] == [0, 1] and len(cmp['diffs']) == 2 and cmp['n'] == 2
+    # every method's second stage sees the same batches: with β = 0 the class weights are all 1, so class-balanced
+    # cross-entropy is cross-entropy, and the two runs coincide step for step
+    from medssm.meta.longtail import load_longtail, stage1_config, train_longtail, train_stage
+    c0 = quick_longtail_config(max_epochs=3, t1=2, beta=0.0)
+    data = load_longtail(c0)
+    start = train_stage(stage1_config(c0), data)['model'].state_dict()
+    a_, b_ = (train_longtail(c0.replace(method=m), data, start) for m in ('ce', 'cb_ce'))
+    assert a_['test_error'] == b_['test_error'] and a_['history'][-1]['train_loss'] == b_['history'][-1]['train_loss']

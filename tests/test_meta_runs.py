@@ -148,3 +148,12 @@ def test_bad_values_and_bad_files_fail_before_anything_is_created(tmp_path, caps
     assert 'B/c2/1.png' in err and 'C/c1/2.png' in err                      # every bad file named at once
     assert time.time() - t0 < 30
     assert not (tmp_path/'x').exists()
+
+
+def test_a_diverging_run_of_a_sweep_is_named(tmp_path):
+    "A `TrainingError` inside `run_experiment` names the run folder (variant, seed) that diverged."
+    from medssm.core import TrainingError
+    from medssm.meta.train import run_experiment
+    with pytest.raises(TrainingError, match=r'lazy_maml/seed1: meta-batch: task \d+ has a non-finite support loss'):
+        run_experiment('sinusoid', 'sinusoid', quick=True, only=['lazy_maml'], baseline=False, seeds=[1, 2], inner_lr=1e4,
+                       iterations=5, eval_tasks=5, out=tmp_path)

@@ -35,3 +35,39 @@ def test_export_matches_notebooks(tmp_path):
     assert made == have, f'modules differ: only exported {sorted(map(str, made - have))}, only committed {sorted(map(str, have - made))}'
     differ = [str(p) for p in sorted(made) if not filecmp.cmp(work/'medssm'/p, ROOT/'medssm'/p, shallow=False)]
     assert not differ, f'medssm/ differs from nbdev_export output in {differ}: run nbdev_export and commit'
+
+
+
+
+def test_committed_notebooks_are_in_canonical_form():
+    "Every notebook is stored as the Jupyter pre-save hook and the git filter write it (no outputs, ids or metadata)."
+    from medssm.tools.docs import clean_notebook
+    unclean = [p.name for p in NOTEBOOKS if clean_notebook(p.read_text(encoding='utf-8')) != p.read_text(encoding='utf-8')]
+    assert not unclean, f'run `medssm docs clean` on: {unclean}'
+
+
+def test_a_run_notebook_leaves_git_status_clean(tmp_path):
+    """A walkthrough run and saved from JupyterLab (the server's contents manager, with the pre-save hook that
+    `medssm docs hooks` installs) leaves `git status` clean; without the hook the same save would show a change."""
+    import json
+    from jupyter_server.services.contents.filemanager import FileContentsManager
+    from medssm.tools.docs import execute_notebook, jupyter_pre_save
+    stem = '02_metrics'                                    # runs in seconds and displays tables
+    ran = execute_notebook(ROOT/'nbs'/f'{stem}.ipynb', quick=True).nb
+    assert any(c.get('outputs') for c in ran.cells if c.cell_type == 'code')
+    clone = tmp_path/'clone'
+    git = lambda *a: subprocess.run(['git', '-C', str(clone), *a], check=True, capture_output=True, text=True).stdout
+    subprocess.run(['git', 'clone', '-q', str(ROOT), str(clone)], check=True)
+    git('config', 'user.email', 't@example.org'); git('config', 'user.name', 't')
+    for rel in ('.gitattributes', '.gitconfig', 'settings.ini', f'nbs/{stem}.ipynb'):   # as they are now, committed in the clone
+        if (ROOT/rel).exists(): shutil.copy(ROOT/rel, clone/rel)
+    git('add', '-A'); git('commit', '-q', '--allow-empty', '-m', 'now')
+    def save(hook):
+        cm = FileContentsManager(root_dir=str(clone), **({'pre_save_hook': hook} if hook else {}))
+        model = cm.get(f'nbs/{stem}.ipynb')                                    # JupyterLab opens it …
+        model['content'] = json.loads(json.dumps(ran))                         # … runs every cell …
+        cm.save({'type': 'notebook', 'format': 'json', 'content': model['content']}, f'nbs/{stem}.ipynb')   # … saves
+    save(jupyter_pre_save)
+    assert git('status', '--porcelain') == ''
+    save(None)
+    assert git('status', '--porcelain') != ''             # without the hook the outputs would be a change

@@ -58,7 +58,8 @@ def test_run_folder_holds_config_data_split_and_test_metrics(finished):
     cfg = json.loads((run/'config.json').read_text())
     assert cfg['model'] == 'lighter_unet@4' and cfg['size'] == 32 and cfg['fit']['lr'] == 1e-4 and cfg['fit']['max_epochs'] == 2
     metrics = json.loads((run/'test_metrics.json').read_text())
-    assert metrics == {'dice': summary['test_dice'], 'hd95': summary['test_hd95'], 'n': len(rec['split']['test'])}
+    assert {k: metrics[k] for k in ('dice', 'hd95', 'n')} == {'dice': summary['test_dice'], 'hd95': summary['test_hd95'], 'n': len(rec['split']['test'])}
+    assert {'dice_median', 'dice_ci_low', 'dice_ci_high', 'hd95_median', 'assd_mean', 'surface_dice_mean', 'n_empty_pred', 'n_empty_gt'} <= set(metrics)
     assert not (run/'.lock').exists()
 
 
@@ -69,7 +70,7 @@ def test_eval_reproduces_test_metrics_exactly_whatever_seed(finished, seed):
     assert rc == 0, err
     ev = json.loads(out)
     stored = json.loads((run/'test_metrics.json').read_text())
-    assert {k: ev[k] for k in ('dice', 'hd95', 'n')} == stored and ev['reproduces_test_metrics'] is True
+    assert {k: ev[k] for k in stored} == stored and ev['reproduces_test_metrics'] is True and ev['path'] == 'fp32'
     assert 'its stored test split' in logs and 'phantoms' in logs
 
 
@@ -143,6 +144,9 @@ def test_second_concurrent_train_is_refused_at_once(tmp_path):
     (['--model', 'fcn8s', '--size', '40'], '--size 40: fcn8s cannot take 40×40'),
     (['--width', '0'], '--width 0'),
     (['--model', 'unet_xl'], '--model unet_xl'),
+    (['--model', 'unet@128'], "'unet' has no '@' variant"),
+    (['--backbone-weights', 'x.pth'], '--backbone-weights: lighter_unet@4 has no pretrained backbone'),
+    (['--surface-tolerance', '-1'], '--surface-tolerance -1.0'),
     (['--model', 'lighter_unet@3'], 'group size 3 does not divide 4'),
     (['--patients', '2'], '--patients 2'),
     (['--lr', '0'], '--lr 0.0'),

@@ -28,9 +28,10 @@ def test_bench_perturb_json_console_script():
     p = subprocess.run([str(exe), 'bench', 'perturb', '--json', '--threads', '1'], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     rec = json.loads(p.stdout.strip().splitlines()[-1])
-    assert set(rec) == {'reports', 'seconds', 'reports_per_s'} and rec['reports'] == 1000
+    assert set(rec) == {'reports', 'seconds', 'reports_per_s', 'unique_sentence_fraction', 'workers'} and rec['reports'] == 1000
+    assert rec['unique_sentence_fraction'] >= 0.9 and rec['workers'] == 1     # realistic reports, one tagging thread
     assert rec['reports_per_s'] == pytest.approx(rec['reports'] / rec['seconds'], rel=0.01)
-    assert rec['reports_per_s'] > 200   # ≥ 1,000/s on an idle 2-core machine; loose here for a shared CI box
+    assert rec['reports_per_s'] > 50    # ≥ 1,000/s on an idle 2-core machine with --threads 2; a sanity bound for a loaded CI box
 
 
 def test_pretrain_resume_eval_finetune(tmp_path, capsys):
@@ -108,8 +109,8 @@ def test_input_errors(tmp_path):
 
 
 def test_long_report_truncated_with_warning():
-    from medssm.vlm.all import TextEncoder
-    enc = TextEncoder(joint_dim=8, max_length=16, n_layers=1)
+    from medssm.vlm.all import TEXT_ENCODERS
+    enc = TEXT_ENCODERS.create('bert', joint_dim=8, max_length=16, n_layers=1)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter('always')
         g, words, mask, toks = enc(['short one', ' '.join(['effusion'] * 40)])
@@ -140,9 +141,117 @@ def test_registries_and_weight_layouts(tmp_path):
     assert all(isinstance(r, Registry) for r in (IMAGE_BACKBONES, TEXT_ENCODERS, PRETRAIN_METHODS))
     assert PRETRAIN_METHODS.names() == ['convirt', 'gloria', 'ours_no_local', 'ours']
     sd = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith('fc.')}
-    save_checkpoint({f'encoder.encoder.{k}': v for k, v in sd.items()}, tmp_path/'biovil.pt')
-    enc = ImageEncoder('resnet18', 8, weights=tmp_path/'biovil.pt')
-    assert torch.equal(enc.backbone.conv1.weight, sd['conv1.weight'])
     save_checkpoint({f'encoder.encoder.{k}': v for k, v in sd.items() if 'layer4.1' not in k}, tmp_path/'part.pt')
     with pytest.raises(InputError, match='missing: layer4.1'):
         ImageEncoder('resnet18', 8, weights=tmp_path/'part.pt')
+
+
+def _all_equal(backbone, ref):
+    own = backbone.state_dict()
+    return set(own) <= set(ref) and all(torch.equal(v, ref[k]) for k, v in own.items())
+
+
+def test_himl_and_gloria_checkpoints_load_completely(tmp_path):
+    """hi-ml's ImageModel state dict (ResNet-50 under encoder.encoder. with its fc, the 1×1-conv projector) and a GLoRIA
+    Lightning checkpoint (state_dict with gloria.img_encoder.model.*, the embedders and the text encoder) fill every
+    backbone tensor; BioViL's projector is kept with image_head='biovil'."""
+    import torchvision
+    from medssm.weights import save_checkpoint
+    from medssm.vlm.all import ImageEncoder, VLM, VLMConfig
+    r50 = torchvision.models.resnet50().state_dict()
+    proj = {'projector.model.0.weight': torch.randn(128, 2048, 1, 1), 'projector.model.1.weight': torch.rand(128),
+            'projector.model.1.bias': torch.randn(128), 'projector.model.1.running_mean': torch.randn(128),
+            'projector.model.1.running_var': torch.rand(128) + 0.5, 'projector.model.1.num_batches_tracked': torch.tensor(7),
+            'projector.model.3.weight': torch.randn(128, 128, 1, 1), 'projector.model.3.bias': torch.randn(128)}
+    save_checkpoint({f'encoder.encoder.{k}': v for k, v in r50.items()} | proj, tmp_path/'biovil_image_resnet50_proj_size_128.pt')
+    enc = ImageEncoder('resnet50', 128, weights=tmp_path/'biovil_image_resnet50_proj_size_128.pt', head='biovil', upsample_to=299)
+    assert _all_equal(enc.backbone, r50)
+    assert all(torch.equal(v, proj['projector.' + k]) for k, v in enc.global_proj.state_dict().items())
+    with torch.no_grad():
+        g, loc = enc.eval()(torch.randn(1, 1, 224, 224))
+    assert g.shape == (1, 128) and loc.shape == (1, 128, 19, 19)          # BioViL's 128-d space, GLoRIA's 19×19 regions
+    gl = {f'gloria.img_encoder.model.{k}': v for k, v in r50.items() if not k.startswith('fc.')}
+    gl |= {'gloria.img_encoder.global_embedder.weight': torch.zeros(768, 2048), 'gloria.img_encoder.global_embedder.bias': torch.zeros(768),
+           'gloria.img_encoder.local_embedder.weight': torch.zeros(768, 1024, 1, 1),
+           'gloria.text_encoder.model.embeddings.word_embeddings.weight': torch.zeros(10, 768)}
+    save_checkpoint({'state_dict': gl, 'epoch': 12, 'global_step': 3000}, tmp_path/'chexpert_resnet50.ckpt')
+    assert _all_equal(ImageEncoder('resnet50', 64, weights=tmp_path/'chexpert_resnet50.ckpt').backbone, r50)
+    # through the model config, as `vlm pretrain --image-weights ... --image-head biovil --joint-dim 128` builds it
+    v = VLM(VLMConfig(image_arch='resnet50', image_weights=str(tmp_path/'biovil_image_resnet50_proj_size_128.pt'), image_head='biovil',
+                      joint_dim=128, text_encoder='small_bert', text_width=32))
+    assert _all_equal(v.image.backbone, r50)
+
+
+def test_gloria_attention_matches_an_independent_implementation():
+    "Attention maps and local loss against a NumPy re-implementation of GLoRIA's attention_fn / local_loss."
+    from medssm.vlm.all import word_region_attention, local_loss
+    rng = np.random.default_rng(0)
+    B, D, M, W = 3, 8, 6, 5
+    regions, words = rng.normal(size=(B, D, M)), rng.normal(size=(B, W, D))
+    lens = [3, 5, 2]
+    mask = np.arange(W)[None] < np.array(lens)[:, None]
+
+    def softmax(x, axis): e = np.exp(x - x.max(axis, keepdims=True)); return e / e.sum(axis, keepdims=True)
+
+    def attention_np(q, ctx, g1=4.):                       # q (D, W) of one report, ctx (D, M) of one image
+        attn = softmax(ctx.T @ q, axis=1)                  # (M, W): softmax over the words, per region
+        attn = softmax(g1 * attn.T, axis=1)                # (W, M): ×γ1, softmax over the regions, per word
+        return attn, ctx @ attn.T                          # weighted context (D, W)
+
+    S = np.zeros((B, B))
+    for j in range(B):
+        q = words[j, :lens[j]].T
+        for i in range(B):
+            a, c = attention_np(q, regions[i])
+            t = torch.from_numpy(word_region_attention(torch.from_numpy(q.T), torch.from_numpy(regions[i:i + 1]))[0][0].numpy())
+            assert np.allclose(t.numpy(), a, atol=1e-12)
+            cos = (c * q).sum(0) / (np.linalg.norm(c, axis=0) * np.linalg.norm(q, axis=0))
+            S[i, j] = 10 * np.log(np.exp(5 * cos).sum())
+    lse = lambda x, ax: np.log(np.exp(x).sum(ax))
+    ref = ((lse(S, 1) - np.diag(S)).mean() + (lse(S, 0) - np.diag(S)).mean()) / 2
+    got = local_loss(torch.from_numpy(regions), torch.from_numpy(words), torch.from_numpy(mask)).item()
+    assert got == pytest.approx(ref, abs=1e-9)
+
+
+def test_pert_accuracy_ignores_rows_without_negatives():
+    from medssm.vlm.all import pert_accuracy, pert_counts, semantic_structure_eval
+    inf = -np.inf
+    out = np.array([[0.1, 0.5, 0.2], [0.3, inf, inf], [0.2, inf, inf]])   # one wrong row, two with nothing to beat
+    assert pert_accuracy(None, out) == 0.0                                # not 2/3: masked rows are no free points
+    assert pert_counts(out) == {'n_scored': 1, 'n_no_negative': 2}
+    assert np.isnan(pert_accuracy(None, out[1:]))
+    emb = {'image': torch.eye(3), 'text': torch.eye(3), 'perts': torch.ones(3, 2, 3) / 3 ** .5,
+           'valid': torch.tensor([[True, True], [False, False], [False, False]])}
+    r = semantic_structure_eval(emb)
+    assert (r['accuracy'], r['n_scored'], r['n_no_negative']) == (1.0, 1, 2)
+
+
+def test_zero_shot_runs_from_a_local_run(tmp_path, capsys):
+    run = tmp_path/'run'
+    rc, out, err = _run(capsys, 'vlm', 'pretrain', '--quick', '--n-synth', '16', '--epochs', '1', '--steps-per-epoch', '1',
+                        '--out', str(run), '--json', '--threads', '1')
+    assert rc == 0, err
+    rc, out, err = _run(capsys, 'vlm', 'zeroshot', '--run', str(run), '--json')
+    assert rc == 0, err
+    zs = json.loads(out)
+    assert zs['n'] >= 1 and {'zs_auroc', 'zs_acc', 'zs_acc_effusion', 'zs_acc_cardiomegaly'} <= set(zs)
+    assert 0 <= zs['zs_acc'] <= 1
+    stored = json.loads((run/'test_metrics.json').read_text())
+    assert {k: v for k, v in zs.items() if k != 'n'} == {k: v for k, v in stored.items() if k.startswith('zs_')}
+
+
+def test_schedule_and_learnable_temperature_flags(tmp_path, capsys):
+    run = tmp_path/'run'
+    rc, out, err = _run(capsys, 'vlm', 'pretrain', '--quick', '--n-synth', '16', '--epochs', '2', '--steps-per-epoch', '2',
+                        '--schedule', 'cosine', '--warmup-steps', '1', '--learn-tau', '--out', str(run), '--json', '--threads', '1')
+    assert rc == 0, err
+    hist = [json.loads(l) for l in (run/'metrics.jsonl').read_text().splitlines()]
+    assert hist[-1]['lr'] == pytest.approx(0.0) and 0 < hist[0]['lr'] < 0.0015
+    from medssm.runs import load_run
+    lr = load_run(run)
+    assert lr.model.logit_scale.requires_grad and lr.config.schedule == 'cosine'
+
+
+def test_registries_and_weight_layouts_list(tmp_path):
+    from medssm.vlm.all import TEXT_ENCODERS, PROMPT_SETS
+    assert TEXT_ENCODERS.names() == ['bert', 'minilm', 'cxr_bert', 'small_bert'] and PROMPT_SETS.names() == ['chexpert', 'synth']

@@ -6,9 +6,10 @@
 __all__ = []
 
 # %% ../../nbs/34_meta.ipynb
-from . import core, data, train, cli, longtail, attack
-__all__ = [name for module in (core, data, train, cli, longtail, attack) for name in module.__all__]   # before the star imports, which shadow module names
+from . import core, inner, data, train, cli, longtail, attack
+__all__ = [name for module in (core, inner, data, train, cli, longtail, attack) for name in module.__all__]   # before the star imports, which shadow module names
 from .core import *
+from .inner import *
 from .data import *
 from .train import *
 from .cli import *

@@ -29,14 +29,16 @@ __all__ = ['ATTACK_DATASETS', 'TARGET_MODELS', 'ATTACKER_METHODS', 'ATTACK_METHO
            'target_mlp', 'target_fit_config', 'train_target', 'margin_loss', 'zoo_gradient', 'device_of',
            'QueryBudgetExceeded', 'QueryCounter', 'MetaAttacker', 'whitebox_gradients', 'GradientTasks',
            'gradient_scale', 'attacker_fit_config', 'AttackerTrainConfig', 'train_attacker', 'gradient_cosine',
-           'AttackConfig', 'AttackResult', 'attack_image', 'attack_metrics', 'run_attacks', 'MetaAttackConfig',
-           'quick_attack_config', 'run_table5', 'perturbation_figure', 'save_attack_examples', 'PerturbationViewer']
+           'AttackConfig', 'AttackResult', 'to_tanh_space', 'from_tanh_space', 'coordinate_adam', 'adam_state',
+           'cw_gradient', 'attack_image', 'attack_metrics', 'run_attacks', 'MetaAttackConfig', 'quick_attack_config',
+           'run_table5', 'perturbation_figure', 'save_attack_examples', 'PerturbationViewer']
 
 # %% ../../nbs/36_meta_attack.ipynb
 ATTACK_DATASETS = ('digits', 'mnist', 'cifar10')
 
 def load_attack_data(dataset:str='digits', # 'digits', 'mnist' or 'cifar10'
-                     root:str='', seed:int=0,
+                     root:str='',   # folder of MNIST/CIFAR-10 (unused for the embedded digits)
+                     seed:int=0,    # seeds the digits' train/test split
                     )->tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]: # float (N, C, H, W) in [0, 1], labels
     "(x_train, y_train, x_test, y_test) for the target models and the attack."
     if dataset == 'digits':
@@ -88,14 +90,18 @@ def target_mlp(in_channels:int=1,     # image channels
     for h in hidden: layers += [nn.Linear(d, h), act()]; d = h
     return nn.Sequential(*layers, nn.Linear(d, n_classes))
 
-def target_fit_config(**changes)->FitConfig:
+def target_fit_config(**changes, # FitConfig fields that replace the defaults
+                     )->FitConfig:
     "How the target classifiers are trained: Adam 3e-3, batch 64, 30 epochs, the last epoch's weights."
     d = dict(max_epochs=30, batch_size=64, lr=3e-3, monitor='train_loss', amp=False, progress=False)
     return FitConfig(**{**d, **changes})
 
-def train_target(name:str, x:torch.Tensor, y:torch.Tensor,
+def train_target(name:str,                   # a key of `TARGET_MODELS`
+                 x:torch.Tensor,             # (N, C, H, W) training images in [0, 1]
+                 y:torch.Tensor,             # (N,) their labels
                  config:FitConfig|None=None,  # the loop (default: `target_fit_config()`); its seed seeds init and order
-                 run=None)->nn.Module:
+                 run=None,                   # a `medssm.runs.Run` to log into (None: no run folder)
+                )->nn.Module:
     "Train a target classifier of `TARGET_MODELS` with the shared fit loop; returns it in eval mode (on the loop's device)."
     config = config or target_fit_config()
     seed_everything(derive_seed(config.seed, 'target', name))
@@ -129,7 +135,8 @@ def zoo_gradient(loss_fn:Callable[[torch.Tensor], torch.Tensor], # (N, C, H, W) 
     return (vals[:n] - vals[n:]) / (2 * h)
 
 # %% ../../nbs/36_meta_attack.ipynb
-def device_of(model)->torch.device:
+def device_of(model, # a module, or any other callable (then: CPU)
+             )->torch.device:
     "The device of a module's first parameter (CPU for anything else)."
     p = next(model.parameters(), None) if isinstance(model, nn.Module) else None
     return p.device if p is not None else torch.device('cpu')
@@ -166,7 +173,9 @@ class QueryCounter:
 
 # %% ../../nbs/36_meta_attack.ipynb
 class MetaAttacker(nn.Module):
-    def __init__(self, in_channels:int=1, width:int=16):
+    def __init__(self, in_channels:int=1, # image channels
+                 width:int=16,        # channels of the first conv (doubled once)
+                ):
         super().__init__()
         w = width
         self.encoder = nn.Sequential(nn.Conv2d(in_channels, w, 3, padding=1), nn.ReLU(),
@@ -177,11 +186,16 @@ class MetaAttacker(nn.Module):
         self.register_buffer('scale', torch.ones(()))
     def forward(self, x):                  # (B, C, H, W), H and W even
         return self.decoder(self.encoder(x))  # (B, 2w, H/2, W/2) → (B, C, H, W), in units of `scale`
-    def predict_gradient(self, x): return self(x) * self.scale
+    def predict_gradient(self, x): return self(x) * self.scale  # (B, C, H, W) images → predicted input gradients, in the loss's units
 
 # %% ../../nbs/36_meta_attack.ipynb
-def whitebox_gradients(models:dict[str, nn.Module], x:torch.Tensor, y:torch.Tensor, per_model:int=200,
-                       h:float=1e-3, seed:int=0)->dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def whitebox_gradients(models:dict[str, nn.Module], # white-box classifiers by name
+                       x:torch.Tensor,              # (N, C, H, W) candidate images in [0, 1]
+                       y:torch.Tensor,              # (N,) their labels
+                       per_model:int=200,           # images per model (correctly classified ones only)
+                       h:float=1e-3,                # ZOO's finite-difference step
+                       seed:int=0,                  # seeds which images are picked
+                      )->dict[str, tuple[torch.Tensor, torch.Tensor]]:
     "name → (images (n, C, H, W), ZOO gradients (n, C, H, W)) on up to `per_model` correctly classified images."
     out = {}
     for name, m in models.items():
@@ -199,21 +213,27 @@ def whitebox_gradients(models:dict[str, nn.Module], x:torch.Tensor, y:torch.Tens
 class GradientTasks(TaskSampler):
     "Tasks = (white-box model, images): support / validation / query sets of images and scaled gradients."
     task = 'regression'
-    def __init__(self, data:dict[str, tuple[torch.Tensor, torch.Tensor]], scale:float,
-                 n_tr:int=5, n_val:int=5, n_q:int=5):
+    def __init__(self, data:dict[str, tuple[torch.Tensor, torch.Tensor]], # name → (images, gradients) of `whitebox_gradients`
+                 scale:float, # the gradients are divided by it (`gradient_scale`)
+                 n_tr:int=5,  # support images per task
+                 n_val:int=5, # validation images per task (the lazy teacher's γ search)
+                 n_q:int=5,   # query images per task
+                ):
         self.items = list(data.values()); self.scale = scale
         self.n_tr, self.n_val, self.n_q = n_tr, n_val, n_q
         small = min(len(x) for x, _ in self.items)
         if small < n_tr + n_val + n_q:
             raise InputError(f"GradientTasks: a white-box model has only {small} usable images; need n_tr + n_val + n_q = {n_tr + n_val + n_q}")
-    def sample(self, rng:np.random.Generator)->dict:
+    def sample(self, rng:np.random.Generator, # draws the model and the images
+              )->dict:
         x, g = self.items[rng.integers(len(self.items))]
         idx = torch.as_tensor(rng.permutation(len(x))[:self.n_tr + self.n_val + self.n_q])
         parts = torch.split(idx, [self.n_tr, self.n_val, self.n_q])
         keys = (('x_tr', 'y_tr'), ('x_val', 'y_val'), ('x_q', 'y_q'))
         return {k: v for (kx, ky), p in zip(keys, parts) for k, v in ((kx, x[p]), (ky, g[p] / self.scale))}
 
-def gradient_scale(data:dict)->float:
+def gradient_scale(data:dict, # name → (images, gradients) of `whitebox_gradients`
+                  )->float:
     "RMS of all training gradients (the attacker's output unit)."
     g = torch.cat([v[1].flatten() for v in data.values()])
     return float(g.pow(2).mean().sqrt().clamp_min(1e-8))
@@ -221,7 +241,8 @@ def gradient_scale(data:dict)->float:
 # %% ../../nbs/36_meta_attack.ipynb
 ATTACKER_METHODS = ('reptile', 'lazy_maml', 'lazy_reptile')
 
-def attacker_fit_config(**changes)->FitConfig:
+def attacker_fit_config(**changes, # FitConfig fields that replace the defaults
+                       )->FitConfig:
     "The attacker's outer loop: Adam 0.01 on the meta-gradient, 20 epochs of 100 meta-batches, no validation."
     d = dict(max_epochs=20, batch_size=1, lr=0.01, optimizer='adam', momentum=0.0, steps_per_epoch=100,
              monitor='train_loss', amp=False, progress=False)
@@ -229,7 +250,7 @@ def attacker_fit_config(**changes)->FitConfig:
 
 @dataclass
 class AttackerTrainConfig(Config):
-    meta: MetaConfig = field(default_factory=lambda: MetaConfig(method='lazy_maml', inner_steps=8, inner_lr=0.01, task='regression'))  # reptile = meta-attack; lazy_maml / lazy_reptile = lazy meta-attack
+    meta: MetaConfig = field(default_factory=lambda: MetaConfig(method='lazy_reptile', inner_steps=8, inner_lr=0.01, inner_opt='adam', task='regression'))  # reptile = meta-attack; lazy_reptile / lazy_maml = lazy meta-attack (inner Adam, as Du et al.)
     fit: FitConfig = field(default_factory=attacker_fit_config)   # the outer loop (lr = the meta learning rate)
     meta_batch: int = 4           # tasks per meta-iteration
     n_tr: int = 5                 # images per task: support
@@ -249,7 +270,10 @@ class AttackerTrainConfig(Config):
         if self.fit.batch_size != 1: raise ConfigError(f"--batch-size {self.fit.batch_size}: the loop takes one meta-batch per step (set --meta-batch)")
         return self
 
-def train_attacker(cfg:AttackerTrainConfig, data:dict, run=None)->MetaAttacker:
+def train_attacker(cfg:AttackerTrainConfig, # method, inner loop and outer fit loop
+                   data:dict,               # name → (images, gradients) of `whitebox_gradients`
+                   run=None,                # a `medssm.runs.Run` to log into (None: no run folder)
+                  )->MetaAttacker:
     "Meta-train the attacker on white-box gradient tasks; returns it (with `scale` set) in eval mode."
     cfg.check()
     x0 = next(iter(data.values()))[0]
@@ -261,7 +285,11 @@ def train_attacker(cfg:AttackerTrainConfig, data:dict, run=None)->MetaAttacker:
     return fit(model, train, config=cfg.fit, step=MetaStep(cfg.meta), collate_fn=unwrap_batch, run=run,
                callbacks=[TaskEpochs(train)]).model.eval()
 
-def gradient_cosine(attacker:MetaAttacker, model:nn.Module, x:torch.Tensor, y:torch.Tensor)->float:
+def gradient_cosine(attacker:MetaAttacker, # predicts input gradients
+                    model:nn.Module,       # the classifier whose true gradients are compared
+                    x:torch.Tensor,        # (N, C, H, W) images
+                    y:torch.Tensor,        # (N,) labels
+                   )->float:
     "Mean cosine similarity between predicted and true (autograd) loss gradients of `model` on (x, y)."
     dev = device_of(model)
     xg = x.to(dev).requires_grad_()
@@ -274,48 +302,96 @@ def gradient_cosine(attacker:MetaAttacker, model:nn.Module, x:torch.Tensor, y:to
 @dataclass
 class AttackConfig(Config):
     targeted: bool = False      # targeted attack (target = (y + 1) mod K) instead of untargeted
-    eps: float = 2.0            # L2 budget of the perturbation (pixel units in [0, 1])
+    const: float = 5.0          # c of the C&W objective ‖x′ − x‖² + c·f(x′)
+    lr: float = 0.1             # coordinate-wise Adam's learning rate (in tanh space)
+    beta1: float = 0.9          # Adam β1 (ZOO; Du et al.'s code: 0)
+    beta2: float = 0.999        # Adam β2 (ZOO; Du et al.'s code: 0)
     max_queries: int = 10000    # query budget per image
     max_iters: int = 1000       # attack iterations per image at most
-    step_size: float = 0.2      # meta-attack: L2 length of each step
-    zoo_lr: float = 0.05        # ZOO-Adam learning rate
     coords: int = 8             # q: coordinates estimated per ZOO round
+    update_coords: int = 16     # meta-attack: coordinates updated per iteration from the attacker's prediction
     finetune_every: int = 5     # meta-attack: ZOO round + fine-tuning every m iterations
-    finetune_steps: int = 5     # meta-attack: Adam steps of each fine-tuning
-    finetune_lr: float = 1e-3   # meta-attack: fine-tuning learning rate
-    h: float = 1e-3             # finite-difference step
-    kappa: float = 0.0          # margin confidence
+    finetune_steps: int = 20    # meta-attack: Adam steps of each fine-tuning (Du et al.: 20)
+    finetune_lr: float = 0.01   # meta-attack: fine-tuning learning rate (Du et al.: 0.01)
+    h: float = 1e-4             # finite-difference step (ZOO: 1e-4)
+    kappa: float = 0.0          # margin confidence κ
     seed: int = 0               # seed of ZOO's random coordinates
     def check(self):
         "Raise a `ConfigError` naming the flag of the first unusable value; returns self."
-        if self.eps <= 0: raise ConfigError(f"--eps {self.eps}: the L2 budget must be positive")
+        if not self.const > 0: raise ConfigError(f"--const {self.const}: the C&W constant c must be positive")
         if self.max_queries <= 0: raise ConfigError(f"--max-queries {self.max_queries}: the query budget must be positive")
-        for flag, v in (('--max-iters', self.max_iters), ('--coords', self.coords), ('--finetune-every', self.finetune_every)):
+        for flag, v in (('--max-iters', self.max_iters), ('--coords', self.coords), ('--update-coords', self.update_coords),
+                        ('--finetune-every', self.finetune_every)):
             if v < 1: raise ConfigError(f"{flag} {v}: expected ≥ 1")
-        for flag, v in (('--step-size', self.step_size), ('--zoo-lr', self.zoo_lr), ('--h', self.h)):
+        for flag, v in (('--lr', self.lr), ('--h', self.h), ('--finetune-lr', self.finetune_lr)):
             if not v > 0: raise ConfigError(f"{flag} {v}: expected a positive number")
+        for flag, v in (('--beta1', self.beta1), ('--beta2', self.beta2)):
+            if not 0 <= v < 1: raise ConfigError(f"{flag} {v}: expected 0 ≤ β < 1")
+        if self.finetune_steps < 0: raise ConfigError(f"--finetune-steps {self.finetune_steps}: expected ≥ 0")
         return self
 
 @dataclass
 class AttackResult:
-    success:bool
-    queries:int
-    l2:float
+    success:bool              # the prediction left the true class (or reached the target)
+    queries:int               # black-box queries spent on this image
+    l2:float                  # ‖x′ − x‖₂ of the returned image
     original:torch.Tensor     # (C, H, W)
     adversarial:torch.Tensor  # (C, H, W)
     label:int                 # true class
-    target:int|None
-    pred_before:int
-    pred_after:int
+    target:int|None           # target class (None: untargeted)
+    pred_before:int           # black box's class for the original
+    pred_after:int            # ... and for the adversarial image
 
-def _project(x_adv, x, eps):
-    d = x_adv - x
-    n = d.norm()
-    if n > eps: d = d * (eps / n)
-    return (x + d).clamp(0, 1)
+def to_tanh_space(x:torch.Tensor, # pixels in [0, 1]
+                 )->torch.Tensor:
+    "w with (tanh w + 1)/2 = x (pixels in [0, 1], pulled in by 1e−6 so 0 and 1 stay finite)."
+    return torch.atanh((2 * x - 1) * (1 - 1e-6))
 
-def attack_image(counter:QueryCounter, x:torch.Tensor, y:int, cfg:AttackConfig,
-                 attacker:MetaAttacker|None=None)->AttackResult:
+def from_tanh_space(w:torch.Tensor, # tanh-space values
+                   )->torch.Tensor:    # pixels in [0, 1]
+    "The image (tanh w + 1)/2 of a tanh-space variable."
+    return (torch.tanh(w) + 1) / 2
+
+def coordinate_adam(w:torch.Tensor,     # (D,) the variable (updated in place)
+                    idx:torch.Tensor,   # coordinates updated
+                    g:torch.Tensor,     # (len(idx),) their gradient estimates
+                    state:dict,         # {'m', 'v', 't'} (D,) each; `t` starts at 1
+                    lr:float,           # Adam's step size η
+                    beta1:float=0.9,    # first-moment decay β1
+                    beta2:float=0.999,  # second-moment decay β2
+                   )->torch.Tensor:
+    "ZOO's / Du et al.'s coordinate-wise Adam step on the coordinates `idx`; returns `w`."
+    m, v, t = state['m'], state['v'], state['t']
+    m[idx] = beta1 * m[idx] + (1 - beta1) * g
+    v[idx] = beta2 * v[idx] + (1 - beta2) * g * g
+    corr = torch.sqrt(1 - beta2 ** t[idx]) / (1 - beta1 ** t[idx])
+    w[idx] -= lr * corr * m[idx] / (torch.sqrt(v[idx]) + 1e-8)
+    t[idx] += 1
+    return w
+
+def adam_state(D:int,                      # number of coordinates
+               like:torch.Tensor|None=None, # dtype and device to copy (default: float32 on CPU)
+              )->dict:
+    "Zero moments and step counts 1 for D coordinates (dtype and device of `like`)."
+    kw = dict(dtype=like.dtype, device=like.device) if like is not None else {}
+    return {'m': torch.zeros(D, **kw), 'v': torch.zeros(D, **kw), 't': torch.ones(D, **kw)}
+
+def cw_gradient(w:torch.Tensor,   # (D,) the tanh-space variable
+                x:torch.Tensor,   # (D,) the original image, flat
+                idx:torch.Tensor, # coordinates
+                g_f:torch.Tensor, # (len(idx),) estimates of ∂f/∂x′ there
+                const:float,      # c
+               )->torch.Tensor:
+    "∂/∂w_I of ‖x′(w) − x‖² + c·f(x′(w)) given ĝ = ∂f/∂x′ on I (flat tensors)."
+    xi = from_tanh_space(w[idx])
+    return (2 * (xi - x[idx]) + const * g_f) * (1 - torch.tanh(w[idx]) ** 2) / 2
+
+def attack_image(counter:QueryCounter,            # the black box behind a query counter
+                 x:torch.Tensor,                  # (C, H, W) image in [0, 1]
+                 y:int,                           # its true class
+                 cfg:AttackConfig,                # C&W constant, Adam, budget, ZOO refinements
+                 attacker:MetaAttacker|None=None, # meta-attack's gradient predictor (None: plain ZOO)
+                )->AttackResult:
     "Attack image `x` (C, H, W) of class `y` through `counter` (meta-attack with `attacker`, else ZOO)."
     cfg.check()
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 'attack', float(x.sum())))
@@ -326,47 +402,53 @@ def attack_image(counter:QueryCounter, x:torch.Tensor, y:int, cfg:AttackConfig,
     target = int(label) if cfg.targeted else None
     lossf = lambda z: margin_loss(counter(z), label.expand(len(z)), cfg.targeted, cfg.kappa)
     done = lambda s: int(s.argmax()) == target if cfg.targeted else int(s.argmax()) != y
-    x_adv, D, q = x.clone(), x.numel(), min(cfg.coords, x.numel())
+    xf, D = x.flatten(), x.numel()
+    q, u = min(cfg.coords, D), min(cfg.update_coords, D)
+    w = to_tanh_space(xf).clone(); state = adam_state(D, w)
+    x_adv = from_tanh_space(w).reshape(x.shape)
     local = copy.deepcopy(attacker).to(x.device) if attacker is not None else None
     opt = torch.optim.Adam(local.parameters(), lr=cfg.finetune_lr) if local is not None else None
-    m, v, t = torch.zeros(D), torch.zeros(D), torch.zeros(D)                  # ZOO-Adam moments
     for it in range(cfg.max_iters):
         if done(scores): break
         zoo_round = local is None or it % cfg.finetune_every == 0
         if counter.remaining < (2 * q if zoo_round else 0) + 1: break
-        if local is not None:
-            with torch.no_grad(): g = local.predict_gradient(x_adv[None])[0].flatten()
-            if zoo_round:
-                idx = g.abs().topk(q).indices
-                est = zoo_gradient(lossf, x_adv, idx, cfg.h)
-                for _ in range(cfg.finetune_steps):                                # fine-tune on the queried coordinates
-                    pred = local(x_adv[None])[0].flatten()[idx]
-                    loss = F.mse_loss(pred, est / local.scale)
-                    opt.zero_grad(); loss.backward(); opt.step()
-                with torch.no_grad(): g = local.predict_gradient(x_adv[None])[0].flatten()
-                g[idx] = est
-            x_adv = x_adv - cfg.step_size * (g / g.norm().clamp_min(1e-12)).reshape(x.shape)
+        if local is None:                                                          # ZOO: random coordinates
+            idx = torch.randperm(D, generator=gen)[:q].to(x.device)
+            g_f = zoo_gradient(lossf, x_adv, idx, cfg.h)
         else:
-            idx = torch.randperm(D, generator=gen)[:q]
-            est = zoo_gradient(lossf, x_adv, idx, cfg.h)
-            t[idx] += 1; m[idx] = 0.9 * m[idx] + 0.1 * est; v[idx] = 0.999 * v[idx] + 0.001 * est ** 2
-            step = cfg.zoo_lr * (m[idx] / (1 - 0.9 ** t[idx])) / ((v[idx] / (1 - 0.999 ** t[idx])).sqrt() + 1e-8)
-            x_adv = x_adv.flatten().index_add(0, idx, -step).reshape(x.shape)
-        x_adv = _project(x_adv, x, cfg.eps)
+            with torch.no_grad(): pred = local.predict_gradient(x_adv[None])[0].flatten()
+            if zoo_round:                                                          # estimate, fine-tune, use the estimates
+                idx = pred.abs().topk(q).indices
+                g_f = zoo_gradient(lossf, x_adv, idx, cfg.h)
+                for _ in range(cfg.finetune_steps):
+                    loss = F.mse_loss(local(x_adv[None])[0].flatten()[idx], g_f / local.scale)
+                    opt.zero_grad(); loss.backward(); opt.step()
+            else:                                                                  # the prediction alone: no queries
+                idx = pred.abs().topk(u).indices
+                g_f = pred[idx]
+        coordinate_adam(w, idx, cw_gradient(w, xf, idx, g_f, cfg.const), state, cfg.lr, cfg.beta1, cfg.beta2)
+        x_adv = from_tanh_space(w).reshape(x.shape)
         scores = counter(x_adv[None])
     ok = done(scores)
     return AttackResult(ok, counter.queries, float((x_adv - x).norm()), x, x_adv, y, target, pred0, int(scores.argmax()))
 
 # %% ../../nbs/36_meta_attack.ipynb
-def attack_metrics(results:Sequence[AttackResult])->dict:
+def attack_metrics(results:Sequence[AttackResult], # one per attacked image
+                  )->dict:
     "success_rate, avg_l2 and avg_queries (over successes), n attacked."
     ok = [r for r in results if r.success]
     return dict(success_rate=len(ok) / max(len(results), 1),
                 avg_l2=float(np.mean([r.l2 for r in ok])) if ok else float('nan'),
                 avg_queries=float(np.mean([r.queries for r in ok])) if ok else float('nan'), n=len(results))
 
-def run_attacks(model:nn.Module, x:torch.Tensor, y:torch.Tensor, cfg:AttackConfig, attacker:MetaAttacker|None=None,
-                n:int=100, name:str='target')->list[AttackResult]:
+def run_attacks(model:nn.Module,                 # the black box
+                x:torch.Tensor,                  # (N, C, H, W) test images
+                y:torch.Tensor,                  # (N,) their labels
+                cfg:AttackConfig,                # the attack
+                attacker:MetaAttacker|None=None, # meta-attack's predictor (None: ZOO)
+                n:int=100,                       # images attacked at most
+                name:str='target',               # the black box's name in query-budget errors
+               )->list[AttackResult]:
     "Attack up to `n` test images the model classifies correctly (a fresh query counter per image)."
     with torch.no_grad(): ok = torch.nonzero(model(x.to(device_of(model))).argmax(-1).cpu() == y).flatten()[:n]
     return [attack_image(QueryCounter(model, cfg.max_queries, name), x[i], int(y[i]), cfg, attacker) for i in ok]
@@ -394,23 +476,24 @@ class MetaAttackConfig(Config):
             if bad: raise ConfigError(f"{flag} {' '.join(bad)}: expected some of {', '.join(TARGET_MODELS.names())}")
         if self.dataset != 'digits' and not self.root: raise ConfigError(f"--dataset {self.dataset} needs --root <folder>")
         if self.attacker.meta.method == 'reptile':
-            raise ConfigError("--method reptile: the lazy meta-attack trains with lazy_maml or lazy_reptile (the meta-attack uses reptile)")
+            raise ConfigError("--method reptile: the lazy meta-attack trains with lazy_reptile or lazy_maml (the meta-attack uses reptile)")
         need = self.attacker.n_tr + self.attacker.n_val + self.attacker.n_q
         if self.zoo_images < need: raise ConfigError(f"--zoo-images {self.zoo_images}: a task takes --n-tr + --n-val + --n-q = {need} images")
         if self.n_attack < 1: raise ConfigError(f"--n-attack {self.n_attack}: expected ≥ 1")
         self.attack.check()
         return self
 
-def quick_attack_config(**changes)->MetaAttackConfig:
+def quick_attack_config(**changes, # fields (leaf or dotted names) replacing the test sizes
+                       )->MetaAttackConfig:
     "Test sizes: two white boxes, one black box, short training, a few images; then `changes` (leaf or dotted names)."
     d = {'white_box': ['cnn_a', 'mlp_a'], 'black_box': ['net4'], 'zoo_images': 30, 'n_attack': 5, 'targets.max_epochs': 8,
-         'inner_steps': 3, 'attacker.fit.max_epochs': 1, 'attacker.fit.steps_per_epoch': 60, 'width': 8, 'eps': 3.0,
+         'inner_steps': 3, 'attacker.fit.max_epochs': 1, 'attacker.fit.steps_per_epoch': 60, 'width': 8,
          'max_queries': 3000}
     return MetaAttackConfig().replace(d).replace(changes)
 
 ATTACK_METHODS = ('zoo', 'meta_attack', 'lazy_meta_attack')
 
-def run_table5(cfg:MetaAttackConfig,
+def run_table5(cfg:MetaAttackConfig,                   # data, targets, attacker training and attack
                out:str|Path|None=None,                 # folder for table5.csv and config.json
                models:dict[str, nn.Module]|None=None, # already trained target models by name (trained here otherwise)
               )->tuple[pd.DataFrame, dict]:
@@ -446,7 +529,10 @@ def _show(img):
     img = img.detach().cpu().numpy()
     return (img[0], 'gray') if img.shape[0] == 1 else (np.moveaxis(img, 0, -1), None)
 
-def perturbation_figure(r:AttackResult, amplify:float=5.0, title:str|None=None):
+def perturbation_figure(r:AttackResult,       # one attack
+                        amplify:float=5.0,    # the perturbation is shown × this, around grey
+                        title:str|None=None,  # figure title (None: none)
+                       ):
     "Original, amplified perturbation and adversarial image of one attack; returns the figure."
     fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.8))
     a, cm = _show(r.original); axes[0].imshow(a, cmap=cm, vmin=0, vmax=1)

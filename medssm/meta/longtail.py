@@ -15,13 +15,13 @@ import torch, torch.nn as nn, torch.nn.functional as F
 from torch.func import functional_call, grad
 from torch.utils.data import Dataset
 
-from ..core import Config, ConfigError, InputError, atomic_write, derive_seed, get_device, seed_everything, stable_hash
+from ..core import Config, ConfigError, InputError, atomic_write, derive_seed, get_device, seed_everything, set_threads, stable_hash
 from ..data import IMAGE_SUFFIXES, check_all, load_digits_arrays
-from ..metrics import accuracy
+from ..metrics import accuracy, paired_test
 from ..runs import Run, data_record, fingerprint_files, load_run, register_run_kind
 from ..train import Callback, FitConfig, classification_step, evaluate, fit
-from .core import forward, gamma_grid, leap, split_state
-from .data import read_resized
+from .core import forward, gamma_grid, leap, leap_weights, split_state
+from .data import read_resized, safe_unpickle
 from .train import MODELS
 _log = logging.getLogger('medssm')
 
@@ -32,7 +32,7 @@ __all__ = ['LT_METHODS', 'LT_DATASETS', 'LT_PARAMS', 'longtail_counts', 'LongTai
            'EpsResult', 'eps_gradient', 'l2rw_weights', 'LongTailStep', 'LRSchedule', 'BalancedResample',
            'longtail_fit_config', 'LongTailConfig', 'quick_longtail_config', 'load_longtail', 'load_longtail_record',
            'build_lt_model', 'stage1_config', 'longtail_test', 'train_stage', 'train_longtail', 'run_table4',
-           'evaluate_longtail_run']
+           'evaluate_longtail_run', 'longtail_seeds', 'paired_comparison']
 
 # %% ../../nbs/35_longtail.ipynb
 def longtail_counts(n_max:int,        # images kept for the head class
@@ -57,14 +57,14 @@ class LongTailData:
     x_train: np.ndarray   # (N, C, H, W) long-tailed training images
     y_train: np.ndarray   # (N,) int64
     x_val: np.ndarray     # (C·n_val, C, H, W) balanced validation ("meta") set
-    y_val: np.ndarray
+    y_val: np.ndarray     # (C·n_val,) int64
     x_test: np.ndarray    # balanced test set
-    y_test: np.ndarray
+    y_test: np.ndarray    # its labels
     counts: np.ndarray    # (n_classes,) training images per class
-    name: str = 'data'
+    name: str = 'data'    # shown in reprs and figure titles
     train_ids: list = field(default_factory=list)  # id of each training image in the source (index or file)
-    val_ids: list = field(default_factory=list)
-    test_ids: list = field(default_factory=list)
+    val_ids: list = field(default_factory=list)    # ... of each validation image
+    test_ids: list = field(default_factory=list)   # ... of each test image
     record: dict = field(default_factory=dict)     # data record (source, fingerprint, what rebuilds it)
     @property
     def n_classes(self)->int: return len(self.counts)
@@ -78,10 +78,12 @@ class LongTailData:
                 f'{len(self.y_val)} val, {len(self.y_test)} test, {self.n_classes} classes, {self.x_train.shape[1:]})')
 
 def make_longtail(x:np.ndarray, y:np.ndarray,  # the full (balanced) training set
-                  x_test:np.ndarray, y_test:np.ndarray,
+                  x_test:np.ndarray,           # the balanced test set (kept whole)
+                  y_test:np.ndarray,           # its labels
                   imbalance:float,             # IF
                   n_val:int=10,                # balanced validation images per class, taken out first
-                  seed:int=0, name:str='data',
+                  seed:int=0,                  # seeds which images each class keeps
+                  name:str='data',             # the split's name
                   n_max:int|None=None,         # head size (default: the smallest class left after the validation cut)
                   ids:list|None=None,          # id of each training image (default: its index)
                   test_ids:list|None=None,     # id of each test image (default: its index)
@@ -109,21 +111,15 @@ def make_longtail(x:np.ndarray, y:np.ndarray,  # the full (balanced) training se
 @dataclass
 class SourceImages:
     "A balanced labelled image source: training and test images (N, C, H, W), labels and ids, class names."
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    classes: list[str]
-    train_ids: list
-    test_ids: list
+    x_train: np.ndarray       # (N, C, H, W) training images
+    y_train: np.ndarray       # (N,) labels
+    x_test: np.ndarray        # (M, C, H, W) test images
+    y_test: np.ndarray        # (M,) labels
+    classes: list[str]        # class names, index = label
+    train_ids: list           # id (row or file) of each training image
+    test_ids: list            # id of each test image
     fingerprint: str          # of the source files (or of the generator's parameters)
     source: str               # what the data is, for the run record
-
-def _unpickle(path:Path)->dict:
-    if not path.exists(): raise InputError(f"{path}: file not found (expected the CIFAR-100 python pickle)")
-    try:
-        with open(path, 'rb') as f: return pickle.load(f, encoding='bytes')
-    except Exception as e: raise InputError(f"{path}: not a CIFAR python pickle ({e})") from None
 
 def load_cifar100(root:str|Path, # folder holding `train` and `test` (or its parent holding `cifar-100-python/`)
                  )->SourceImages: # uint8 (N, 3, 32, 32) images, int64 labels
@@ -132,7 +128,7 @@ def load_cifar100(root:str|Path, # folder holding `train` and `test` (or its par
     if (root/'cifar-100-python').is_dir(): root = root/'cifar-100-python'
     out = []
     for split in ('train', 'test'):
-        d = _unpickle(root/split)
+        d = safe_unpickle(root/split, 'CIFAR-100 python pickle')   # arrays and containers only: a crafted pickle runs nothing
         d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
         if 'data' not in d or 'fine_labels' not in d:
             raise InputError(f"{root/split}: expected keys 'data' and 'fine_labels', found {sorted(d)[:6]}")
@@ -155,7 +151,7 @@ def _list_split(d:Path, classes:list[str])->list[tuple[Path, int]]:
 
 def load_image_folder(root:str|Path,  # holds train/<class>/* and test/<class>/*
                       size:int=32,    # images are resized to size × size
-                      grey:bool=False,
+                      grey:bool=False, # read as one channel
                      )->SourceImages:  # uint8 (N, C, size, size) images, ids = file paths relative to `root`
     "An image-folder dataset, every image read (and checked) through `medssm.data.read_image`."
     root = Path(root)
@@ -173,7 +169,9 @@ def load_image_folder(root:str|Path,  # holds train/<class>/* and test/<class>/*
     fp = fingerprint_files([p for p, _ in tr + te], root)
     return SourceImages(xtr, ytr, xte, yte, classes, itr, ite, fp, str(root.resolve()))
 
-def load_digits_pool(test_per_class:int=40, seed:int=0)->SourceImages:
+def load_digits_pool(test_per_class:int=40, # balanced test images per class
+                     seed:int=0,            # seeds which images are the test set
+                    )->SourceImages:
     "scikit-learn digits, float32 (N, 1, 8, 8) in [0, 1], with a balanced test set; ids = rows of `load_digits`."
     if test_per_class < 1: raise ConfigError(f"--test-per-class {test_per_class}: expected ≥ 1")
     X, Y = load_digits_arrays()
@@ -207,7 +205,8 @@ class ImageArrayDataset(Dataset):
             if torch.rand(()) < 0.5: x = x.flip(-1)
         return x, self.y[i]
 
-def channel_stats(x:np.ndarray)->tuple[np.ndarray, np.ndarray]:
+def channel_stats(x:np.ndarray, # (N, C, H, W) uint8 or [0, 1] float images
+                 )->tuple[np.ndarray, np.ndarray]:
     "Per-channel mean and standard deviation of images (N, C, H, W), in [0, 1] units."
     x = np.asarray(x, dtype=np.float64) / (255.0 if np.asarray(x).dtype == np.uint8 else 1.0)
     return x.mean((0, 2, 3)), x.std((0, 2, 3)) + 1e-6
@@ -268,19 +267,34 @@ class CifarResNet(nn.Module):
 # %% ../../nbs/35_longtail.ipynb
 def _fresh(buffers:dict)->dict: return {k: v.clone() for k, v in buffers.items()}
 
-def batch_loss(model:nn.Module, params:dict, buffers:dict, x:torch.Tensor, y:torch.Tensor,
+def batch_loss(model:nn.Module,   # the network
+               params:dict,       # name → parameters
+               buffers:dict,      # name → buffers (a copy is used)
+               x:torch.Tensor,    # (B, C, H, W) a training batch
+               y:torch.Tensor,    # (B,) its labels
                w:torch.Tensor,          # (B,) per-example weights w_{y_i} + ε_i
               )->torch.Tensor:
     "L_B = 1/|B| Σ w_i ℓ_i(params) (Alg. 2, line 5); training-mode forward pass on a copy of the buffers."
     logits = forward(model, params, _fresh(buffers), x, train=True)     # (B, C)
     return (w * F.cross_entropy(logits, y, reduction='none')).mean()
 
-def virtual_step(model, params, buffers, x, y, w, eta:float)->dict:
+def virtual_step(model,      # the network
+                 params,     # name → θ
+                 buffers,    # name → buffers
+                 x, y,       # a training batch
+                 w,          # (B,) per-example weights w_y + ε
+                 eta:float,  # η, the current learning rate
+                )->dict:
     "θ̃ = θ − η ∇θ L_B(θ, w) (Alg. 2, line 6); differentiable w.r.t. `w` under torch.func."
     g = grad(lambda p: batch_loss(model, p, buffers, x, y, w))(params)
     return {k: params[k] - eta * g[k] for k in params}
 
-def val_loss_acc(model, params, buffers, xv, yv)->tuple[torch.Tensor, torch.Tensor]:
+def val_loss_acc(model,    # the network
+                 params,   # name → parameters
+                 buffers,  # name → buffers (a copy is used)
+                 xv, yv,   # the balanced validation batch
+                )->tuple[torch.Tensor, torch.Tensor]:
+    "Cross-entropy and accuracy on the validation batch (training-mode forward pass)."
     logits = forward(model, params, _fresh(buffers), xv, train=True)    # (V, C)
     return F.cross_entropy(logits, yv), (logits.argmax(-1) == yv).float().mean()
 
@@ -288,8 +302,8 @@ def val_loss_acc(model, params, buffers, xv, yv)->tuple[torch.Tensor, torch.Tens
 class EpsResult:
     grad: torch.Tensor          # (B,) ∇ε L_val at ε = 0
     gamma: float = 1.0          # the teacher's γ (1 = greedy virtual step)
-    val_loss: float = float('nan')
-    val_acc: float = float('nan')
+    val_loss: float = float('nan')  # validation loss of the (teacher's) model
+    val_acc: float = float('nan')   # its validation accuracy
 
 def eps_gradient(model:nn.Module, x, y,     # training mini-batch B
                  w:torch.Tensor,             # (B,) fixed class component w_{y_i} (zeros for L2RW)
@@ -297,6 +311,7 @@ def eps_gradient(model:nn.Module, x, y,     # training mini-batch B
                  eta:float,                  # η: virtual / student SGD learning rate
                  k:int=0,                    # student steps (0 = greedy two-component weighting)
                  gammas:torch.Tensor|None=None, # γ grid of the lazy teacher
+                 leap_param:str='rate',      # the leap: 'rate' (1−γ)θ̃ + γφ_k, or 'literal' γθ̃ + (1−γ)φ_k (Alg. 2, line 11 as printed)
                 )->EpsResult:
     "∇ε L_val of the greedy virtual step (k = 0) or through the lazy teacher's leap (k ≥ 1) (Alg. 2, lines 4–12)."
     theta, buffers = split_state(model)
@@ -313,19 +328,21 @@ def eps_gradient(model:nn.Module, x, y,     # training mini-batch B
         for _ in range(k):                                                             # lines 8–10
             phi = {n: v.detach() for n, v in virtual_step(model, phi, buffers, x, y, w, eta).items()}
         gammas = torch.linspace(0.75, 0.95, 5) if gammas is None else gammas
+        weights = lambda gm: leap_weights(gm, torch.ones(1, dtype=gm.dtype), leap_param)  # [w_θ̃, w_φ]
         scores = []
         for gm in gammas:                                                              # line 11
-            l, a = val_loss_acc(model, leap(teacher, [phi], torch.stack([gm, 1 - gm])), buffers, xv, yv)
+            l, a = val_loss_acc(model, leap(teacher, [phi], weights(gm)), buffers, xv, yv)
             scores.append((float(a), -float(l)))
         gm = gammas[max(range(len(scores)), key=lambda i: scores[i])]                  # accuracy, then loss
     def outer(eps):                                                                    # line 12
         tw = virtual_step(model, theta, buffers, x, y, w + eps, eta)                   # θ̃(ε)
-        l, a = val_loss_acc(model, leap(tw, [phi], torch.stack([gm, 1 - gm])), buffers, xv, yv)
+        l, a = val_loss_acc(model, leap(tw, [phi], weights(gm)), buffers, xv, yv)
         return l, (l.detach(), a.detach())
     g, (l, a) = grad(outer, has_aux=True)(eps0)
     return EpsResult(g.detach(), float(gm), float(l), float(a))
 
-def l2rw_weights(g:torch.Tensor)->torch.Tensor:
+def l2rw_weights(g:torch.Tensor, # (B,) ∇ε L_val
+                )->torch.Tensor:
     "Learning to reweight: max(−∇ε, 0), normalised to sum to 1 (all zeros stay zero)."
     w = (-g).clamp_min(0)
     s = w.sum()
@@ -338,14 +355,17 @@ class LongTailStep:
     "A fit step implementing one method of Table 4 (see above)."
     def __init__(self, method:str, class_weights:torch.Tensor, val:tuple[torch.Tensor, torch.Tensor],
                  eta:float=0.1, tau:float=1.0, meta_batch:int=100, inner_steps:int=5,
-                 gammas:torch.Tensor|None=None, seed:int=0):
+                 gammas:torch.Tensor|None=None, seed:int=0,
+                 leap_param:str='rate',   # the lazy teacher's leap: 'rate' or 'literal'
+                 eps_scale:float=0.0,     # 0: ε = −τ∇ε (Jamal et al.); > 0: ε rescaled to RMS eps_scale · mean(w_y), w clipped at 0
+                ):
         if method not in LT_METHODS: raise ConfigError(f"method {method!r}: expected one of {LT_METHODS}")
         self.method, self.cw, self.val, self.eta, self.tau = method, class_weights, val, eta, tau
-        self.meta_batch, self.k, self.gammas = meta_batch, inner_steps, gammas
+        self.meta_batch, self.k, self.gammas, self.leap_param, self.eps_scale = meta_batch, inner_steps, gammas, leap_param, eps_scale
         self.gen = torch.Generator().manual_seed(derive_seed(seed, 'meta-batch'))
         self.reset_stats()
 
-    def reset_stats(self): self.stats = {'gamma': [], 'abs_eps': [], 'meta_acc': []}
+    def reset_stats(self): self.stats = {'gamma': [], 'abs_eps': [], 'eps_std': [], 'eps_rel': [], 'meta_acc': []}
 
     def meta_batch_of(self, device)->tuple[torch.Tensor, torch.Tensor]:
         xv, yv = self.val
@@ -364,10 +384,13 @@ class LongTailStep:
             w = l2rw_weights(r.grad) * len(y)                        # Σ w_i ℓ_i written as a mean
         else:
             r = eps_gradient(model, x, y, cw, xv, yv, self.eta, k=self.k if m == 'lazy_two_component' else 0,
-                             gammas=self.gammas)
+                             gammas=self.gammas, leap_param=self.leap_param)
             eps = -self.tau * r.grad                                 # line 12 from ε = 0
-            w = cw + eps
-            self.stats['abs_eps'].append(float(eps.abs().mean()))
+            if self.eps_scale > 0:                                   # a scale at which ε can matter next to w_y ≈ 1
+                eps = eps / eps.pow(2).mean().sqrt().clamp_min(1e-30) * self.eps_scale * cw.mean()
+            w = (cw + eps).clamp_min(0) if self.eps_scale > 0 else cw + eps
+            self.stats['abs_eps'].append(float(eps.abs().mean())); self.stats['eps_std'].append(float(eps.std()))
+            self.stats['eps_rel'].append(float(eps.pow(2).mean().sqrt() / cw.mean()))
         self.stats['gamma'].append(r.gamma); self.stats['meta_acc'].append(r.val_acc)
         return w.detach()
 
@@ -413,7 +436,8 @@ class BalancedResample(Dataset):
 # %% ../../nbs/35_longtail.ipynb
 LT_DATASETS = ('digits', 'cifar100', 'folder')
 
-def longtail_fit_config(**changes)->FitConfig:
+def longtail_fit_config(**changes, # FitConfig fields that replace the defaults
+                       )->FitConfig:
     "Jamal et al.'s loop: SGD 0.1 + Nesterov momentum 0.9, wd 5e-4, batch 100, 200 epochs; the last epoch's weights."
     d = dict(max_epochs=200, batch_size=100, lr=0.1, optimizer='sgd', momentum=0.9, nesterov=True, weight_decay=5e-4,
              monitor='val_acc', mode='max', restore_best=False, amp=False, progress=False)
@@ -435,6 +459,8 @@ class LongTailConfig(Config):
     meta_batch: int = 100         # validation images per meta step
     tau: float = 1.0              # ε learning rate (mean-loss convention; = 0.01 with a summed loss)
     inner_steps: int = 5          # k student steps of the lazy teacher (section 5.2)
+    leap: Literal['rate', 'literal'] = 'rate'  # the teacher (1−γ)θ̃ + γφ_k (γ = the leap's rate) or γθ̃ + (1−γ)φ_k (as printed)
+    eps_scale: float = 0.0        # 0: ε = −τ∇ε as in Jamal et al.'s code (|ε| ≈ 1e-5 next to w_y ≈ 1); > 0: ε rescaled to RMS eps_scale·mean(w_y)
     gamma_min: float = 0.75       # γ grid start
     gamma_max: float = 0.95       # γ grid end
     gamma_step: float = 0.05      # γ grid step
@@ -456,6 +482,7 @@ class LongTailConfig(Config):
                             ('--image-size', self.image_size, 8), ('--test-per-class', self.test_per_class, 1)):
             if v < lo: raise ConfigError(f"{flag} {v}: expected ≥ {lo}")
         if self.tau < 0: raise ConfigError(f"--tau {self.tau}: expected ≥ 0")
+        if self.eps_scale < 0: raise ConfigError(f"--eps-scale {self.eps_scale}: expected ≥ 0 (0 = Jamal et al.'s raw ε)")
         if not 0 <= self.beta < 1: raise ConfigError(f"--beta {self.beta}: expected 0 ≤ β < 1")
         if self.lr_decay <= 0: raise ConfigError(f"--lr-decay {self.lr_decay}: expected a positive factor")
         gamma_grid(self.gamma_min, self.gamma_max, self.gamma_step)
@@ -463,7 +490,8 @@ class LongTailConfig(Config):
 
     def gammas(self)->torch.Tensor: return gamma_grid(self.gamma_min, self.gamma_max, self.gamma_step)
 
-def quick_longtail_config(**changes)->LongTailConfig:
+def quick_longtail_config(**changes, # fields that replace the test sizes
+                         )->LongTailConfig:
     "Test sizes: digits, ResNet-8, 6 epochs (4 plain), batch 64, 2 student steps; lr ×0.1 at t1 and half-way after it."
     d = dict(dataset='digits', model='resnet8', max_epochs=6, t1=4, lr_decay=0.1, batch_size=64, meta_batch=50,
              inner_steps=2, augment=False, imbalance=20.0)
@@ -483,7 +511,8 @@ def _source(dataset:str, root:str, seed:int, test_per_class:int, image_size:int)
     raise ConfigError(f"--dataset {dataset}: expected one of {', '.join(LT_DATASETS)}")
 
 def load_longtail(cfg:LongTailConfig|None=None, # the config (or the parameters of `LT_PARAMS` as keywords)
-                  **params)->LongTailData:
+                  **params,                     # `LT_PARAMS` keywords (when cfg is None)
+                 )->LongTailData:
     "The long-tailed split `cfg` describes, with its data record."
     if cfg is not None:
         cfg.check()
@@ -495,13 +524,16 @@ def load_longtail(cfg:LongTailConfig|None=None, # the config (or the parameters 
     data.record = data_record(src.source, src.fingerprint, **{k: params[k] for k in LT_PARAMS})
     return data
 
-def load_longtail_record(record:dict)->LongTailData:
+def load_longtail_record(record:dict, # a long-tail run's data record
+                        )->LongTailData:
     "Rebuild a run's long-tailed split from its stored data record (source fingerprint computed afresh)."
     missing = [k for k in LT_PARAMS if k not in (record or {})]
     if missing: raise InputError(f"data record: missing {missing}; expected the record of a long-tail run")
     return load_longtail(**{k: record[k] for k in LT_PARAMS})
 
-def build_lt_model(cfg:LongTailConfig, data:LongTailData|None=None)->nn.Module:
+def build_lt_model(cfg:LongTailConfig,           # model and seed
+                   data:LongTailData|None=None,   # classes and channels (default: the dataset's kind)
+                  )->nn.Module:
     "The config's ResNet (seeded) for the data's classes and channels (from the dataset's kind when `data` is None)."
     if data is not None: n, ch = data.n_classes, data.x_train.shape[1]
     elif cfg.dataset == 'digits': n, ch = 10, 1
@@ -519,21 +551,27 @@ def _datasets(data:LongTailData, cfg:LongTailConfig):
 def _stack(ds:Dataset)->tuple[torch.Tensor, torch.Tensor]:
     xs, ys = zip(*(ds[i] for i in range(len(ds)))); return torch.stack(xs), torch.stack(ys)
 
-def stage1_config(cfg:LongTailConfig)->LongTailConfig:
+def stage1_config(cfg:LongTailConfig, # the method's config
+                 )->LongTailConfig:
     "The shared plain stage as a run of its own: cross-entropy for t1 epochs with the same recipe."
     return cfg.replace(method='ce', t1=0, max_epochs=cfg.t1)
 
-def longtail_test(model:nn.Module, data:LongTailData, cfg:LongTailConfig)->dict:
+def longtail_test(model:nn.Module,     # trained network
+                  data:LongTailData,   # its test set
+                  cfg:LongTailConfig,  # normalisation and device
+                 )->dict:
     "Top-1 test error (%) and loss on the balanced test set (what `test_metrics.json` of a long-tail run holds)."
     _, _, te = _datasets(data, cfg)
     ev = evaluate(model, te, step=classification_step, metrics={'acc': accuracy}, batch_size=256,
                   device=next(model.parameters()).device)
     return dict(test_error=100 * (1 - ev['acc']), test_loss=ev['loss'], n_test=len(te))
 
-def train_stage(cfg:LongTailConfig, data:LongTailData,
+def train_stage(cfg:LongTailConfig,   # method and loop
+                data:LongTailData,    # the long-tailed split
                 start:dict|None=None,        # weights to start from (the plain stage's); None = a fresh model
                 run:Run|str|Path|None=None,  # run folder (kind 'longtail'), resumed when it holds this run
-                command:str|None=None)->dict:
+                command:str|None=None,       # command line recorded in the run folder
+               )->dict:
     "Epochs t1 … max_epochs of `cfg.method` with the shared loop; the final weights scored on the test set."
     own = isinstance(run, (str, Path))
     if own: run = Run.start(run, cfg, kind='longtail', data=data.record, split=data.split(), command=command)
@@ -543,8 +581,8 @@ def train_stage(cfg:LongTailConfig, data:LongTailData,
         tr, va, _ = _datasets(data, cfg)
         if cfg.method == 'cb_ft': tr = BalancedResample(tr, data.y_train, cfg.fit.seed)
         step = LongTailStep(cfg.method, class_balanced_weights(data.counts, cfg.beta), _stack(va), cfg.fit.lr, cfg.tau,
-                            cfg.meta_batch, cfg.inner_steps, cfg.gammas(), cfg.fit.seed)
-        stage = cfg.method if cfg.t1 else 'stage1'           # a run from scratch is seeded as the recipe's plain stage
+                            cfg.meta_batch, cfg.inner_steps, cfg.gammas(), cfg.fit.seed, cfg.leap, cfg.eps_scale)
+        stage = 'stage2' if cfg.t1 else 'stage1'   # every method's second stage shares one seed (batch order): paired runs
         loop = cfg.fit.replace(max_epochs=cfg.fit.max_epochs - cfg.t1, seed=derive_seed(cfg.fit.seed, stage))
         res = fit(model, tr, va, config=loop, step=step, metrics={'acc': accuracy}, run=run,
                   callbacks=[LRSchedule(cfg.fit.lr, cfg.milestones, cfg.lr_decay, cfg.t1, step)])
@@ -554,10 +592,12 @@ def train_stage(cfg:LongTailConfig, data:LongTailData,
     finally:
         if own: run.release()
 
-def train_longtail(cfg:LongTailConfig, data:LongTailData|None=None,
+def train_longtail(cfg:LongTailConfig,          # method and loop
+                   data:LongTailData|None=None, # the split (built from cfg when None)
                    start:dict|None=None,       # stage-1 weights (trained here when None and t1 > 0)
                    out:str|Path|None=None,     # parent of the run folders `stage1/` and `<method>/`
-                   command:str|None=None)->dict:
+                   command:str|None=None,      # command line recorded in the run folders
+                  )->dict:
     "Train one method (the plain stage unless `start` is given, then the method's stage) and score it on the test set."
     cfg.check(); data = data or load_longtail(cfg)
     out = Path(out) if out else None
@@ -566,9 +606,12 @@ def train_longtail(cfg:LongTailConfig, data:LongTailData|None=None,
     r = train_stage(cfg, data, start, out/cfg.method if out else None, command)
     return dict(method=cfg.method, imbalance=cfg.imbalance, n_train=len(data.y_train), **r)
 
-def run_table4(cfg:LongTailConfig, imbalances=(200, 100, 50, 20), methods=LT_METHODS,
+def run_table4(cfg:LongTailConfig,              # recipe shared by every cell
+               imbalances=(200, 100, 50, 20),  # imbalance factors (columns)
+               methods=LT_METHODS,             # methods (rows)
                out:str|Path|None=None, # parent of one folder per imbalance factor (`if100/stage1`, `if100/ce`, …) and the tables
-               command:str|None=None)->pd.DataFrame:
+               command:str|None=None,  # command line recorded in the run folders
+              )->pd.DataFrame:
     "Top-1 test error (%) per method (rows) and imbalance factor (columns), Table 4's layout."
     bad = [m for m in methods if m not in LT_METHODS]
     if bad: raise ConfigError(f"--methods {' '.join(bad)}: expected some of {', '.join(LT_METHODS)}")
@@ -581,16 +624,22 @@ def run_table4(cfg:LongTailConfig, imbalances=(200, 100, 50, 20), methods=LT_MET
         if c.t1 > 0: start = train_stage(stage1_config(c), datas[imb], None, base/'stage1' if base else None, command)['model'].state_dict()
         for m in methods:
             r = train_longtail(c.replace(method=m), datas[imb], start, base, command)
-            rows.append(dict(method=m, imbalance=imb, test_error=r['test_error'],
-                             gamma=r['history'][-1].get('mean_gamma', float('nan')) if r['history'] else float('nan')))
+            last = lambda k: float(np.mean([h[k] for h in r['history'] if k in h])) if any(k in h for h in r['history']) else float('nan')
+            rows.append(dict(method=m, imbalance=imb, seed=c.fit.seed, test_error=r['test_error'], gamma=last('mean_gamma'),
+                             abs_eps=last('mean_abs_eps'), eps_std=last('mean_eps_std'), eps_rel=last('mean_eps_rel')))
     long = pd.DataFrame(rows)
-    table = long.pivot(index='method', columns='imbalance', values='test_error').reindex(list(methods))
-    table = table[list(imbalances)]; table.columns = [f'IF {c:g}' for c in table.columns]
-    table = table.reset_index()
+    table = _table4(long, methods, imbalances)
+    table.attrs['long'] = rows
     if out:
         with atomic_write(Path(out)/'table4.csv') as f: table.to_csv(f, index=False)
         with atomic_write(Path(out)/'table4_long.csv') as f: long.to_csv(f, index=False)
     return table
+
+def _table4(long:pd.DataFrame, methods, imbalances)->pd.DataFrame:
+    "Test error per method (rows) and imbalance factor (columns), averaged over the seeds in `long`."
+    table = long.groupby(['method', 'imbalance'])['test_error'].mean().unstack('imbalance').reindex(list(methods))
+    table = table[list(imbalances)]; table.columns = [f'IF {c:g}' for c in table.columns]
+    return table.reset_index()
 
 register_run_kind('longtail', LongTailConfig, build_lt_model, load_longtail_record)
 
@@ -607,3 +656,42 @@ def evaluate_longtail_run(path:str|Path,  # a run folder of kind 'longtail'
     else: data = lr.dataset()
     _log.info('%s: %s run, on the balanced test set of %s (%d images)', path, cfg.method, data.record.get('source'), len(data.y_test))
     return longtail_test(lr.model, data, lr.config)
+
+# %% ../../nbs/35_longtail.ipynb
+def _seed_job(cfg_dict:dict, imbalance:float, methods:tuple, out:str|None)->list[dict]:
+    set_threads(1)
+    return run_table4(LongTailConfig.from_dict(cfg_dict), (imbalance,), methods, out=out).attrs['long']
+
+def longtail_seeds(cfg:LongTailConfig,           # recipe shared by every seed
+                   imbalance:float,             # IF
+                   methods=LT_METHODS,          # methods compared on every seed
+                   seeds=(0, 1, 2),             # root seeds (each: its own split, plain stage and second-stage batch order)
+                   out:str|Path|None=None,      # parent of one folder per seed (`seed0/if20/...`)
+                   workers:int=1,               # processes (one thread each) running seeds in parallel
+                  )->pd.DataFrame:
+    "One row per (seed, method): test error (%), γ and the size of ε."
+    jobs = [(cfg.replace(seed=s).to_dict(), float(imbalance), tuple(methods), str(Path(out)/f'seed{s}') if out else None) for s in seeds]
+    if workers <= 1 or len(jobs) == 1: res = [_seed_job(*j) for j in jobs]
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+        fork = 'fork' in mp.get_all_start_methods()               # fork: the children need not re-import anything
+        if fork: fn = _seed_job
+        else: from medssm.meta.longtail import _seed_job as fn
+        from medssm.core import exit_with_parent     # workers of a killed run do not run on
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context('fork' if fork else 'spawn'),
+                                 initializer=exit_with_parent) as ex:
+            res = [f.result() for f in [ex.submit(fn, *j) for j in jobs]]
+    return pd.DataFrame([r for rows in res for r in rows])
+
+def paired_comparison(long:pd.DataFrame,  # rows of `longtail_seeds`
+                      a:str, b:str,       # two methods; differences are a − b (negative: a has the lower error)
+                      metric:str='test_error', # column compared
+                     )->dict:
+    "Per-seed differences a − b and the Wilcoxon signed-rank test of `medssm.metrics.paired_test`."
+    pa = long[long.method == a].set_index('seed')[metric]; pb = long[long.method == b].set_index('seed')[metric]
+    common = sorted(set(pa.index) & set(pb.index))
+    if not common: raise InputError(f"paired_comparison: no seed has both {a} and {b}")
+    t = paired_test(pa.loc[common].to_numpy(), pb.loc[common].to_numpy())
+    return dict(a=a, b=b, seeds=common, diffs=[round(float(pa[s] - pb[s]), 3) for s in common],
+                a_better=int(sum(pa[s] < pb[s] for s in common)), **t)

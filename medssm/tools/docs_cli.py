@@ -10,12 +10,12 @@ from ..cli import command, arg
 from ..core import InputError
 
 # %% auto 0
-__all__ = ['docs_build', 'docs_serve', 'docs_sidebar']
+__all__ = ['docs_build', 'docs_serve', 'docs_sidebar', 'docs_clean', 'docs_hooks']
 
 # %% ../../nbs/08_docs_cli.ipynb
 _BUILD_ARGS = [
     arg('--out', default='_site', help='output folder (default _site)'),
-    arg('--nbs', default='nbs', help='notebooks folder (default nbs)'),
+    arg('--nbs', default='nbs', help='notebooks folder'),
     arg('--full', action='store_true', help='run the notebooks at full size instead of quick mode'),
     arg('--only', nargs='*', default=None, help='rebuild only these notebooks (stems, e.g. 04_widgets)'),
     arg('--cache', default=None, help='executed-notebook cache (default <nbs>/../_proc/nbexec)'),
@@ -49,10 +49,35 @@ def docs_serve(args)->int:
 
 # %% ../../nbs/08_docs_cli.ipynb
 @command('docs', 'sidebar', help="rewrite Quarto's nbs/sidebar.yml (for nbdev_docs) from the notebooks", args=[
-    arg('--nbs', default='nbs', help='notebooks folder (default nbs)')])
+    arg('--nbs', default='nbs', help='notebooks folder')])
 def docs_sidebar(args)->int:
     from medssm.tools.docs import quarto_sidebar, _write_text
     if not Path(args.nbs).is_dir(): raise InputError(f"--nbs {args.nbs}: no such folder")
     _write_text(Path(args.nbs)/'sidebar.yml', quarto_sidebar(args.nbs))
     print(f"wrote {Path(args.nbs)/'sidebar.yml'}")
+    return 0
+
+# %% ../../nbs/08_docs_cli.ipynb
+@command('docs', 'clean', help="notebooks without outputs, as the repository stores them (git's clean filter: stdin → stdout)",
+         args=[arg('files', nargs='*', help='notebooks to clean in place (none: read stdin, write stdout)')])
+def docs_clean(args)->int:
+    import sys
+    from medssm.core import atomic_write
+    from medssm.tools.docs import clean_notebook
+    if not args.files:
+        sys.stdout.write(clean_notebook(sys.stdin.read())); return 0
+    for f in args.files:
+        p = Path(f)
+        if not p.is_file(): raise InputError(f"{p}: no such notebook")
+        text = clean_notebook(p.read_text(encoding='utf-8'))
+        if text != p.read_text(encoding='utf-8'):
+            with atomic_write(p) as out: out.write(text)
+    return 0
+
+# %% ../../nbs/08_docs_cli.ipynb
+@command('docs', 'hooks', help='keep notebooks clean: Jupyter pre-save hook (user config) and git clean filter (this clone)',
+         args=[arg('--repo', default='.', help='the medssm checkout (default: here)')])
+def docs_hooks(args)->int:
+    from medssm.tools.docs import install_hooks
+    for line in install_hooks(args.repo): print(line)
     return 0

@@ -9,17 +9,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 import pandas as pd
-from ..core import Config, ConfigError, save_json
+from ..core import Config, ConfigError, require, save_json
 from ..cli import Output, command, register_demo
 from ..runs import Run
-from .perturb import PERTURBATIONS, bench_perturb, perturb, read_report_lines
+from .perturb import PERTURBATIONS, bench_perturb, make_realistic_reports, perturb, read_report_lines
 from .data import PairsConfig, SYNTH_FINDINGS, chexpert_dataset, load_nli, make_synth_cxr, make_synth_nli, split_pairs, synth_pairs
-from .train import (PretrainConfig, FinetuneConfig, evaluate_run, finetune_image, finetune_nli, finetune_on_pairs,
+from .train import (PretrainConfig, FinetuneConfig, embed, evaluate_run, finetune_image, finetune_nli, finetune_on_pairs,
                               load_vlm_run, pretrain_run)
+from .zeroshot import PROMPT_SETS, prompt_embeddings, zero_shot_probs, zero_shot_scores
 
 # %% auto 0
 __all__ = ['with_preset', 'OptionsWithPreset', 'PretrainOptions', 'EvalOptions', 'FinetuneOptions', 'PerturbBenchOptions',
-           'vlm_pretrain_cmd', 'vlm_eval_cmd', 'vlm_finetune_cmd', 'bench_perturb_cmd', 'vlm_demo']
+           'ZeroShotOptions', 'vlm_pretrain_cmd', 'vlm_eval_cmd', 'vlm_finetune_cmd', 'vlm_zeroshot_cmd',
+           'bench_perturb_cmd', 'vlm_demo']
 
 # %% ../../nbs/44_vlm_cli.ipynb
 _log = logging.getLogger('medssm')
@@ -104,13 +106,32 @@ class FinetuneOptions(OptionsWithPreset):
 @dataclass
 class PerturbBenchOptions(Config):
     n: int = 1000             # reports in the batch
-    reports: str = ''         # text file with one report per line ('' = synthetic reports)
+    reports: str = ''         # text file with one report per line ('' = realistic synthetic reports, ≥ 90 % unique sentences)
     seed: int = 0             # seed of the synthetic reports and of the perturbations
     repeat: int = 3           # timed passes (the median is reported), after one warm-up pass
+    workers: int = 0          # tagging threads (0 = --threads, i.e. torch's thread count)
+    spacy_pipe: bool = False  # tag with spaCy's own nlp.pipe instead of running its network directly (slower; a comparison)
 
     def check(self):
         if self.n < 1: raise ConfigError(f"--n {self.n}: expected ≥ 1 report")
         if self.repeat < 1: raise ConfigError(f"--repeat {self.repeat}: expected ≥ 1")
+        if self.workers < 0: raise ConfigError(f"--workers {self.workers}: expected ≥ 0 (0 = --threads)")
+        return super().check()
+
+@dataclass
+class ZeroShotOptions(Config):
+    run: str = ''             # a `vlm pretrain` run folder (required)
+    which: Literal['best', 'last'] = 'best'   # checkpoint
+    device: str = ''          # '' = the run's own device setting, else automatic
+    prompts: str = ''         # prompt set, a name in PROMPT_SETS ('' = synth for the run's synthetic data, chexpert with --chexpert-csv)
+    chexpert_csv: str = ''    # CheXpert labels CSV to classify (other data than the run's); '' = the run's labelled test split
+    chexpert_root: str = ''   # folder the CheXpert CSV paths are relative to
+
+    def check(self):
+        if not self.run: raise ConfigError("--run: required (a `vlm pretrain` run folder)")
+        if self.chexpert_csv and not self.chexpert_root: raise ConfigError("--chexpert-csv needs --chexpert-root")
+        if self.prompts and self.prompts not in PROMPT_SETS:
+            raise ConfigError(f"--prompts {self.prompts!r}: unknown; expected one of {', '.join(PROMPT_SETS.names())}")
         return super().check()
 
 # %% ../../nbs/44_vlm_cli.ipynb
@@ -119,7 +140,7 @@ class PerturbBenchOptions(Config):
 def vlm_pretrain_cmd(o:PretrainOptions):
     cfg = o.resolved()
     pairs = o.pairs.build(size=cfg.image_size, seed=cfg.fit.seed, quick=o.quick)
-    return pretrain_run(cfg, pairs, split_pairs(pairs, cfg.fit.seed), o.out, command=shlex.join(sys.argv))
+    return pretrain_run(cfg, pairs, o.pairs.split(pairs, cfg.fit.seed), o.out, command=shlex.join(sys.argv))
 
 # %% ../../nbs/44_vlm_cli.ipynb
 @command('vlm', 'eval', 'clinical semantic structure (Table IV) and retrieval recall@1/5/10 of a pre-trained run',
@@ -162,7 +183,7 @@ def vlm_finetune_cmd(o:FinetuneOptions):
             _log.info('image task on the run\'s own data and split (run.json): %s', pairs.describe())
         else:
             pairs = o.pairs.build(size=lr.config.image_size, seed=ft.fit.seed, quick=o.quick)
-            split = split_pairs(pairs, ft.fit.seed)
+            split = o.pairs.split(pairs, ft.fit.seed)
             _log.info('image task on OTHER data than the run\'s: %s', pairs.describe())
         findings = o.findings or (list(pairs.labels.columns) if pairs.labels is not None else [])
         res = {'task': 'image', **finetune_on_pairs(lr.model, pairs, split, findings, lr.config.image_size, ft)}
@@ -170,29 +191,56 @@ def vlm_finetune_cmd(o:FinetuneOptions):
     return res
 
 # %% ../../nbs/44_vlm_cli.ipynb
+@command('vlm', 'zeroshot', 'zero-shot classification of findings with prompt ensembles (CheXpert-style) by a pre-trained run',
+         options=ZeroShotOptions)
+def vlm_zeroshot_cmd(o:ZeroShotOptions):
+    lr = load_vlm_run(o.run, o.which, o.device or None)
+    if o.chexpert_csv:
+        prompts = PROMPT_SETS.create(o.prompts or 'chexpert')
+        findings = [f for f in prompts if f in set(pd.read_csv(o.chexpert_csv, nrows=0).columns)]
+        if not findings: raise ConfigError(f"{o.chexpert_csv}: no column for any finding of the prompt set ({', '.join(prompts)})")
+        ds = chexpert_dataset(o.chexpert_csv, o.chexpert_root, findings, lr.config.image_size)
+        _log.info('zero-shot on CheXpert (%s): %d images, findings %s — not the run\'s data', o.chexpert_csv, len(ds), findings)
+    else:
+        pairs = lr.dataset()
+        if pairs.labels is None: raise ConfigError(f"{pairs.describe()} has no finding labels; pass --chexpert-csv and --chexpert-root")
+        prompts = PROMPT_SETS.create(o.prompts or 'synth')
+        findings = [f for f in pairs.labels.columns if f in prompts]
+        ds = pairs.dataset(lr.split['test'], lr.config.image_size, perturbations=False, findings=findings)
+        _log.info('zero-shot on the run\'s stored test split: %d pairs of %s', len(ds), pairs.describe())
+    device = str(next(lr.model.parameters()).device)
+    ens = prompt_embeddings(lr.model, {f: prompts[f] for f in findings})
+    probs = zero_shot_probs(embed(lr.model, ds, device=device)['image'], ens, float(lr.model.logit_scale.detach().exp()))
+    res = {'n': len(ds), **zero_shot_scores(probs, pd.DataFrame(ds.labels, columns=findings))}
+    save_json(res, lr.run.artifact('zeroshot' + ('_chexpert' if o.chexpert_csv else '') + '.json'))
+    return res
+
+# %% ../../nbs/44_vlm_cli.ipynb
 @command('bench', 'perturb', 'reports per second for the nine perturbations on a batch of reports (target ≥ 1,000/s)',
          options=PerturbBenchOptions)
 def bench_perturb_cmd(o:PerturbBenchOptions):
-    reports = read_report_lines(o.reports, o.n) if o.reports else make_synth_cxr(o.n, 8, seed=o.seed).reports
-    r = bench_perturb(reports, seed=o.seed, repeat=o.repeat)
-    return Output({k: r[k] for k in ('reports', 'seconds', 'reports_per_s')},
+    reports = read_report_lines(o.reports, o.n) if o.reports else make_realistic_reports(o.n, seed=o.seed)
+    r = bench_perturb(reports, seed=o.seed, repeat=o.repeat, workers=o.workers, fast=not o.spacy_pipe)
+    return Output({k: r[k] for k in ('reports', 'seconds', 'reports_per_s', 'unique_sentence_fraction', 'workers')},
                   f"{r['reports']} reports × 9 perturbations in {r['seconds']:.3f} s: {r['reports_per_s']:.0f} reports/s "
-                  f"({r['unique_sentences']} unique sentences tagged)")
+                  f"({r['unique_sentences']} unique sentences tagged, {r['unique_sentence_fraction']:.0%} of all; {r['workers']} worker(s))")
 
 # %% ../../nbs/44_vlm_cli.ipynb
 @register_demo('vlm', 'Paper 4: perturbed report discrimination (synthetic chest radiographs)')
 def vlm_demo(report, *, quick:bool=True, seed:int=0, out:Path=Path('runs/demo/vlm')):
     import matplotlib.pyplot as plt
+    for mod in ('spacy', 'transformers'): require(mod, 'vlm', what='the vlm demo: perturbation tagger and text encoder')
     sent = "the lungs are clear there is no pleural effusion or pneumothorax"
     report.text("Table I: the nine perturbations of the paper's example sentence (random ones drawn with the seed).")
     report.table(pd.DataFrame([(p.title, perturb(sent, k, seed=seed)) for k, p in PERTURBATIONS.items()],
                               columns=['Perturbation', 'Example']))
-    b = bench_perturb(make_synth_cxr(1000, 8, seed=seed).reports, seed=seed, repeat=1)
-    report.text(f"Benchmark: {b['reports']} synthetic reports × 9 perturbations in {b['seconds']:.2f} s "
-                f"= **{b['reports_per_s']:.0f} reports/s** ({b['unique_sentences']} unique sentences tagged by spaCy).")
+    b = bench_perturb(make_realistic_reports(1000, seed=seed), seed=seed, repeat=1)
+    report.text(f"Benchmark: {b['reports']} realistic synthetic reports × 9 perturbations in {b['seconds']:.2f} s "
+                f"= **{b['reports_per_s']:.0f} reports/s** ({b['unique_sentences']} unique sentences tagged, "
+                f"{b['unique_sentence_fraction']:.0%} of all; {b['workers']} worker(s)).")
     cfg = (PretrainConfig.quick(max_epochs=1, steps_per_epoch=3, seed=seed) if quick else
-           PretrainConfig().replace(max_epochs=20, seed=seed, progress=False))
-    pairs = synth_pairs(40 if quick else 600, cfg.image_size, seed=seed)
+           PretrainConfig.cpu(seed=seed))
+    pairs = synth_pairs(40 if quick else 500, cfg.image_size, seed=seed)
     fig, ax = plt.subplots(1, 4, figsize=(12, 3))
     for i, a_ in enumerate(ax): a_.imshow(pairs.images[i], cmap='gray'); a_.axis('off')
     report.figure(fig, caption='Synthetic chest radiographs (labelled synthetic). Reports: ' + ' | '.join(pairs.reports[:2]))
