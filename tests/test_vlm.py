@@ -28,7 +28,8 @@ def test_bench_perturb_json_console_script():
     p = subprocess.run([str(exe), 'bench', 'perturb', '--json', '--threads', '1'], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     rec = json.loads(p.stdout.strip().splitlines()[-1])
-    assert set(rec) == {'reports', 'seconds', 'reports_per_s', 'unique_sentence_fraction', 'workers'} and rec['reports'] == 1000
+    assert set(rec) == {'reports', 'seconds', 'reports_per_s', 'unique_sentence_fraction', 'workers', 'threads', 'machine', 'load'}
+    assert rec['reports'] == 1000 and rec['machine']['cores'] >= 1 and rec['threads'] == 1
     assert rec['unique_sentence_fraction'] >= 0.9 and rec['workers'] == 1     # realistic reports, one tagging thread
     assert rec['reports_per_s'] == pytest.approx(rec['reports'] / rec['seconds'], rel=0.01)
     assert rec['reports_per_s'] > 50    # ≥ 1,000/s on an idle 2-core machine with --threads 2; a sanity bound for a loaded CI box

@@ -60,6 +60,19 @@ def test_direct_tagger_equals_spacy_on_realistic_reports():
     assert fast.tag_sentences(sents) == ref
 
 
+def test_fast_batched_path_perturbs_exactly_like_spacy():
+    # the bench path (direct network, memoised unique sentences, small batches, 2 threads, trimmed rows) against
+    # spaCy's own nlp.pipe: identical tags on every sentence, hence identical perturbed reports for a seed
+    from medssm.vlm.all import PosTagger, make_realistic_reports, perturb_batch
+    reps = make_realistic_reports(120, seed=11) + ["The lungs are clear. The lungs are clear."] * 3
+    fast, slow = PosTagger(batch_size=7, workers=2), PosTagger(fast=False)
+    a = perturb_batch(reps, seed=5, tagger=fast)
+    assert a == perturb_batch(reps, seed=5, tagger=slow)
+    assert len(fast.cache) < sum(len(r.split('. ')) for r in reps)      # repeated sentences tagged once
+    fast.clear()
+    assert perturb_batch(reps, seed=5, tagger=fast, epoch=1) == perturb_batch(reps, seed=5, tagger=slow, epoch=1)
+
+
 def test_perturbations_redrawn_every_epoch_and_reproducible():
     from medssm.vlm.all import make_synth_cxr, ImageTextDataset, cxr_transform, PERTURBATION_NAMES
     s = make_synth_cxr(6, 32, seed=0)

@@ -221,9 +221,10 @@ def vlm_zeroshot_cmd(o:ZeroShotOptions):
 def bench_perturb_cmd(o:PerturbBenchOptions):
     reports = read_report_lines(o.reports, o.n) if o.reports else make_realistic_reports(o.n, seed=o.seed)
     r = bench_perturb(reports, seed=o.seed, repeat=o.repeat, workers=o.workers, fast=not o.spacy_pipe)
-    return Output({k: r[k] for k in ('reports', 'seconds', 'reports_per_s', 'unique_sentence_fraction', 'workers')},
+    return Output({k: r[k] for k in ('reports', 'seconds', 'reports_per_s', 'unique_sentence_fraction', 'workers', 'threads', 'machine', 'load')},
                   f"{r['reports']} reports × 9 perturbations in {r['seconds']:.3f} s: {r['reports_per_s']:.0f} reports/s "
-                  f"({r['unique_sentences']} unique sentences tagged, {r['unique_sentence_fraction']:.0%} of all; {r['workers']} worker(s))")
+                  f"({r['unique_sentences']} unique sentences tagged, {r['unique_sentence_fraction']:.0%} of all; {r['workers']} worker(s), "
+                  f"{r['threads']} thread(s), load {r['load']})")
 
 # %% ../../nbs/44_vlm_cli.ipynb
 @register_demo('vlm', 'Paper 4: perturbed report discrimination (synthetic chest radiographs)')

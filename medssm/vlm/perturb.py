@@ -4,12 +4,12 @@
 
 # %% ../../nbs/40_vlm_perturb.ipynb 2
 from __future__ import annotations
-import re
+import os, re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 import numpy as np
-from ..bench import median_ms
+from ..bench import machine_info, median_ms
 from ..core import ConfigError, InputError
 from .text import (PosTagger, Tagged, clean_report, clean_sentence, get_tagger, load_antonyms, pos_class,
                              split_sentences)
@@ -223,7 +223,7 @@ def bench_perturb(reports:Sequence[str], # the batch (e.g. 1,000 reports)
                   repeat:int=3,          # timed passes (median)
                   workers:int=0,         # tagging threads (0: torch's thread count, i.e. --threads)
                   fast:bool=True,        # run spaCy's network directly (False: nlp.pipe)
-                 )->dict:                 # {'reports', 'seconds', 'reports_per_s', 'unique_sentences', 'unique_sentence_fraction', 'workers'}
+                 )->dict:                 # {'reports', 'seconds', 'reports_per_s', 'unique_sentences', 'unique_sentence_fraction', 'workers', 'threads', 'machine', 'load'}
     "Median time of `perturb_batch` (all nine perturbations) over `reports`, from empty caches each pass."
     if not len(reports): raise ConfigError("bench_perturb: no reports to perturb")
     import torch
@@ -235,4 +235,5 @@ def bench_perturb(reports:Sequence[str], # the batch (e.g. 1,000 reports)
     seconds = median_ms(one_pass, repeat=repeat, warmup=1) / 1000
     return {'reports': len(reports), 'seconds': round(seconds, 4), 'reports_per_s': round(len(reports) / seconds, 1),
             'unique_sentences': len(tagger.cache), 'unique_sentence_fraction': sentence_stats(reports)['unique_sentence_fraction'],
-            'workers': workers or torch.get_num_threads()}
+            'workers': workers or torch.get_num_threads(), 'threads': torch.get_num_threads(), 'machine': machine_info(),
+            'load': round(os.getloadavg()[0], 2) if hasattr(os, 'getloadavg') else None}
