@@ -16,22 +16,9 @@ from medssm.cli import main
 from medssm.mil.data import read_bag
 from medssm.mil.heatmaps import annotation_fractions, make_demo_data, read_annotation
 from medssm.mil.wsi import demo_image, write_pyramid_tiff, DEMO_MPP
+from test_mil_runs import run as cli, one_error_line   # `medssm` in-process, and its single error line
 
 FAST = ['--extractor', 'resnet18_trunc', '--random-weights', '--num-workers', '0', '--batch-size', '16']
-
-
-def cli(capsys, *argv):
-    "`medssm <argv>` in-process: (exit status, stdout, stderr)."
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-def one_error_line(err:str)->str:
-    lines = [l for l in err.splitlines() if l.startswith('error:')]
-    assert len(lines) == 1 and 'Traceback' not in err, err
-    return lines[0]
 
 
 @pytest.fixture(scope='module')
