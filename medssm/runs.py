@@ -14,7 +14,7 @@ from .core import (Config, ConfigError, InputError, atomic_path, atomic_write, l
 
 # %% auto 0
 __all__ = ['RUN_KINDS', 'FileLock', 'RunKind', 'register_run_kind', 'Run', 'LoadedRun', 'load_run', 'fingerprint_files',
-           'data_record']
+           'data_record', 'walkthrough_runs']
 
 # %% ../nbs/00c_runs.ipynb
 class FileLock:
@@ -275,3 +275,17 @@ def data_record(source:str,           # what the data is ('digit_bags', a folder
                 **params)->dict:      # what `load_data` needs to rebuild it
     "The data record a run stores."
     return dict(source=source, fingerprint=fingerprint, **params)
+
+# %% ../nbs/00c_runs.ipynb
+def walkthrough_runs(paper:str, # a short name, e.g. 'paper1'
+                     mode:str,  # 'quick' | 'standard' | 'full' (from `run_mode()`)
+                     root:str|Path|None=None, # where standard/full runs go (default: $MEDSSM_RUNS or ./runs)
+                    )->Path:
+    "The folder for a walkthrough's runs: kept (and resumable) in standard/full mode, a fresh temporary folder in quick mode."
+    import shutil, tempfile
+    if mode == 'quick':
+        folder = Path(tempfile.gettempdir())/'medssm-quick'/paper
+        shutil.rmtree(folder, ignore_errors=True)       # the previous quick run of this paper: nothing in it is a result
+    else: folder = Path(root or os.environ.get('MEDSSM_RUNS') or 'runs')/f'{paper}_{mode}'
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
