@@ -48,7 +48,7 @@ def load_checkpoint(path:str|Path, map_location='cpu'):
             culprit = msg.split('Unsupported global:')[-1].split('.')[0:3] if 'Unsupported global' in msg else []
             raise InputError(f"{path}: refused: the file holds Python objects{' (' + '.'.join(culprit).strip() + ')' if culprit else ''}, "
                              "and unpickling them could run code; medssm loads only tensors and plain values. If you trust "
-                             "the file, re-save its state dict: torch.save(torch.load(p, weights_only=False).state_dict(), p2)") from None
+                             "the file, open it with torch's full unpickler yourself and save only its state dict (a mapping of tensors)") from None
         raise InputError(f"{path}: not a readable checkpoint (truncated or corrupt: {msg.splitlines()[0][:200]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise InputError(f"{path}: not a readable checkpoint (truncated or corrupt: {str(e).splitlines()[0][:200]})") from None
