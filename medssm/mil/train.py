@@ -379,6 +379,7 @@ class DigitProtocol:
     models: list                   # Table 1's models
     long_models: list              # the order task's models
     workers: int = 1               # models trained in parallel processes
+    sub_folds: int|None = None     # Tables 3 and 4: the first `sub_folds` of Table 1's folds (None: all of them)
 
 def digit_protocol(mode:str='standard',   # 'quick', 'standard' or 'full' (`medssm.core.run_mode()`)
                    seed:int=0)->DigitProtocol:
@@ -394,7 +395,8 @@ def digit_protocol(mode:str='standard',   # 'quick', 'standard' or 'full' (`meds
         return DigitProtocol(DigitBagsConfig(n_bags=100, min_len=16, max_len=48, in_dim=128, witness_rate=0.1, seed=seed),
                              DigitBagsConfig(n_bags=100, min_len=40, max_len=120, in_dim=128, witness_rate=0.05, long_range=True, seed=seed),
                              MILConfig(in_dim=128, d_state=32, landmarks=16).replace(lr=1e-3, max_epochs=10, seed=seed),
-                             5, all_models, ['ssm', 'clam_sb', 'meanpool', 'maxpool', 'meanpool_rf', 'maxpool_rf'], 2)
+                             5, [m for m in all_models if m != 'lstm'],
+                             ['ssm', 'clam_sb', 'meanpool', 'maxpool', 'meanpool_rf', 'maxpool_rf'], 2, 3)
     if mode == 'full':
         return DigitProtocol(DigitBagsConfig(n_bags=400, min_len=500, max_len=20000, in_dim=1024, witness_rate=0.01, seed=seed),
                              DigitBagsConfig(n_bags=400, min_len=2000, max_len=30000, in_dim=1024, witness_rate=0.002, long_range=True, seed=seed),

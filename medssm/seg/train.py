@@ -350,20 +350,25 @@ LADDER = [  # (rung, what changes, paper's U-Net Dice after the rung)
 ]
 
 def ladder_configs(base:SegConfig|None=None,
-                   lr_scale:float=1.0,   # multiplies every rung's learning rate (a short schedule's compression; 1 = the paper)
+                   lr_scale:float|dict=1.0,   # multiplies every rung's learning rate (a short schedule's compression; 1 = the paper),
+                                              # or a factor per optimizer, e.g. {'sgd': 300, 'adam': 30}
                   )->list[tuple[str, SegConfig]]:
     "Cumulative configs of the ladder; `base` supplies everything the ladder does not change (model, sizes, epochs)."
-    if not lr_scale > 0: raise ConfigError(f"lr_scale {lr_scale}: expected a positive factor")
+    scales = lr_scale if isinstance(lr_scale, dict) else {o: lr_scale for o in ('sgd', 'adam')}
+    for o, f in scales.items():
+        if not (isinstance(f, (int, float)) and f > 0): raise ConfigError(f"lr_scale {lr_scale}: expected positive factors ({o}: {f!r})")
+    missing = sorted({c['optimizer'] for _, c, _ in LADDER if 'optimizer' in c} - set(scales))
+    if missing: raise ConfigError(f"lr_scale {lr_scale}: no factor for the optimizer(s) {missing}")
     cfg, out = base or SegConfig(), []
     for name, change, _ in LADDER:
-        cfg = cfg.replace(change); out.append((name, cfg.replace(lr=cfg.fit.lr * lr_scale)))
+        cfg = cfg.replace(change); out.append((name, cfg.replace(lr=cfg.fit.lr * scales[cfg.fit.optimizer])))
     return out
 
 def run_ladder(train_cases, val_cases, test_cases, base:SegConfig|None=None, seeds=(0, 1, 2),
                root:str|Path|None=None, data:dict|None=None,
                per_case:list|None=None,        # if given, gets every rung's per-case test scores (rung, seed columns)
                processes:int=1,                # trainings side by side in worker processes
-               lr_scale:float=1.0,             # multiplies every rung's learning rate (1 = the paper)
+               lr_scale:float|dict=1.0,        # multiplies every rung's learning rate (1 = the paper); a dict: per optimizer
               )->tuple[pd.DataFrame, pd.DataFrame]:
     "Run every rung (each with all seeds): (ladder table with CIs and paired tests, per-seed rows)."
     rungs = ladder_configs(base, lr_scale)

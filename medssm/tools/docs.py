@@ -154,6 +154,22 @@ def _quiet_log():
     log = logging.getLogger('medssm.tools.docs.nbclient'); log.setLevel(logging.WARNING)
     return log
 
+def _poll_in_slices(kc, step:float=1.0):
+    "Make the kernel client's shell and iopub `get_msg` wait in short polls instead of one long one."
+    # pyzmq's asyncio poll can miss the wake-up of a message that has already arrived; nbclient then waits out the
+    # whole cell timeout beside an idle kernel (seen here, on a loaded machine). A fresh poll every `step` seconds
+    # always finds a waiting message.
+    from queue import Empty
+    for channel in (kc.shell_channel, kc.iopub_channel):
+        async def get_msg(timeout=None, _get=channel.get_msg):
+            end = None if timeout is None else time.monotonic() + timeout
+            while True:
+                wait = step if end is None else max(0.0, min(step, end - time.monotonic()))
+                try: return await _get(timeout=wait)
+                except Empty:
+                    if end is not None and time.monotonic() >= end: raise
+        channel.get_msg = get_msg
+
 def _run(path:Path, quick:bool, flags:tuple, timeout:int|None)->Executed:
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
@@ -162,7 +178,7 @@ def _run(path:Path, quick:bool, flags:tuple, timeout:int|None)->Executed:
         if is_skipped(cell, flags): cell.setdefault('metadata', {}).setdefault('tags', []).append('skip-execution')
     client = NotebookClient(nb, timeout=timeout, kernel_name='python3', store_widget_state=True,
                             extra_arguments=['--IPKernelApp.log_level=40'],   # no TCP-transport warning per kernel
-                            log=_quiet_log(),
+                            log=_quiet_log(), on_notebook_start=lambda notebook: _poll_in_slices(client.kc),
                             resources={'metadata': {'path': str(path.parent)}})
     t0 = time.time()
     try: client.execute(env=kernel_env(quick))

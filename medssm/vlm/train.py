@@ -443,18 +443,19 @@ def _grid_mask(mask:np.ndarray, shape:tuple)->np.ndarray:
 def attention_grounding(model:VLM, ds:ImageTextDataset, # pairs in the masks' order
                         masks:np.ndarray,              # (N, H, W) bool: where the finding was drawn in each image
                         word:str,                      # the finding's word in the reports ('effusion')
-                       )->dict:                        # {'n', 'hit', 'mass', 'area'}
+                        per_image:bool=False,          # also return one row per scored image (for confidence intervals)
+                       )->dict:                        # {'n', 'hit', 'mass', 'area'} (+ 'images': [{'index', 'hit', 'mass', 'area'}])
     "Pointing game and attention mass of `word` inside the finding's region, with the uniform-attention control."
-    hits, mass, area = [], [], []
+    rows = []
     for i in range(len(ds)):
         if not masks[i].any() or word not in ds.reports[i].split(): continue
         words, att = word_attention(model, ds[i]['image'], ds.reports[i])
         a = att[words.index(word)]                                                 # (h, w), sums to 1
         g = _grid_mask(masks[i], a.shape) > 0.5                                    # regions mostly inside the finding
         if not g.any(): g = _grid_mask(masks[i], a.shape) > 0
-        hits.append(float(g.flat[a.argmax()])); mass.append(float(a[g].sum())); area.append(float(g.mean()))
-    if not hits: return {'n': 0, 'hit': None, 'mass': None, 'area': None}
-    return {'n': len(hits), 'hit': float(np.mean(hits)), 'mass': float(np.mean(mass)), 'area': float(np.mean(area))}
+        rows.append({'index': i, 'hit': float(g.flat[a.argmax()]), 'mass': float(a[g].sum()), 'area': float(g.mean())})
+    res = {'n': len(rows), **{k: float(np.mean([r[k] for r in rows])) if rows else None for k in ('hit', 'mass', 'area')}}
+    return {**res, 'images': rows} if per_image else res
 
 # %% ../../nbs/43_vlm_train.ipynb
 def mismatched_images(emb:dict, seed:int=0)->torch.Tensor:
@@ -487,7 +488,10 @@ def _compare_one(pairs:CXRPairs, cfg:PretrainConfig, method:str, seed:int, split
             'zero_shot': [{**key, **{k: v for k, v in ev.items() if k.startswith('zs_')}}] if any(k.startswith('zs_') for k in ev) else [],
             'correct': [{**key, 'id': i, 'correct': v} for i, v in zip(split['test'], pert_correct(sim))]}
     pos = pairs.positions(split['test'])
-    rows['grounding'] = [{**key, 'word': w, **attention_grounding(r.model, ds['test'], mk[pos], w)} for w, mk in (masks or {}).items()]
+    gr = {w: attention_grounding(r.model, ds['test'], mk[pos], w, per_image=True) for w, mk in (masks or {}).items()}
+    rows['grounding'] = [{**key, 'word': w, **{k: v for k, v in g.items() if k != 'images'}} for w, g in gr.items()]
+    rows['grounding_images'] = [{**key, 'word': w, 'id': split['test'][x['index']], **{k: x[k] for k in ('hit', 'mass', 'area')}}
+                                for w, g in gr.items() for x in g['images']]
     rows['table2'] = [{**key, **finetune_on_pairs(r.model, pairs, split, findings, c.image_size, ft or FinetuneConfig())}] if findings else []
     rows['table3'] = [{**key, 'NLI accuracy': finetune_nli(r.model, nli[0], nli[1], nli[2])}] if nli else []
     _log.info('%s, seed %d: semantic structure %.3f (chance %.3f)', key['method'], seed, ev['accuracy'], ev['chance'] or float('nan'))
@@ -524,7 +528,7 @@ def compare_methods(pairs:CXRPairs,                           # the data
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context('fork')) as ex:   # fork: a notebook's __main__ is not re-run
             outs = list(ex.map(_compare_job, [{**t, 'threads': 1} for t in tasks]))
     else: outs = [_compare_one(**t) for t in tasks]
-    names = ('table4', 'mismatched', 'retrieval', 'zero_shot', 'grounding', 'table2', 'table3', 'history', 'correct')
+    names = ('table4', 'mismatched', 'retrieval', 'zero_shot', 'grounding', 'grounding_images', 'table2', 'table3', 'history', 'correct')
     res = {k: pd.DataFrame([row for o in outs for row in o['rows'][k]]) for k in names}
     res['models'] = {(method_title(t['method']), t['seed']): o['model'] if o['model'] is not None
                      else load_vlm_run(Path(out_dir)/f"{t['method']}_s{t['seed']}").model for t, o in zip(tasks, outs)}
