@@ -166,6 +166,7 @@ class FitState:
 class Callback:
     "Base class: override the hooks you need; keep resumable state in `state_dict`."
     def on_fit_start(self, state:FitState): pass
+    def on_train_epoch_end(self, state:FitState): pass   # after the training batches, before validation
     def on_epoch_end(self, state:FitState, logs:dict): pass
     def state_dict(self)->dict: return {}
     def load_state_dict(self, d:dict): pass
@@ -389,6 +390,7 @@ def fit(model:nn.Module, train_ds:Dataset, val_ds:Dataset|None=None, *,
             seed_everything(derive_seed(config.seed, 'epoch', epoch, rank))
             t0 = time.time()
             logs = {'epoch': epoch, 'train_loss': _train_epoch(state, train_ds, step, collate_fn, device, scaler, world, rank, progress)}
+            for cb in callbacks: cb.on_train_epoch_end(state)
             if val_ds is not None:
                 vloss, vout, vtgt = _run_eval(state.model, val_ds, eval_step, val_batch_size or config.batch_size,
                                               collate_fn, device, config.num_workers, progress, desc='val')

@@ -147,6 +147,7 @@ def test_second_concurrent_train_is_refused_at_once(tmp_path):
     (['--model', 'unet@128'], "'unet' has no '@' variant"),
     (['--backbone-weights', 'x.pth'], '--backbone-weights: lighter_unet@4 has no pretrained backbone'),
     (['--surface-tolerance', '-1'], '--surface-tolerance -1.0'),
+    (['--precise-bn', '-1'], '--precise-bn -1'),
     (['--model', 'lighter_unet@3'], 'group size 3 does not divide 4'),
     (['--patients', '2'], '--patients 2'),
     (['--lr', '0'], '--lr 0.0'),

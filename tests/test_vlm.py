@@ -214,6 +214,23 @@ def test_gloria_attention_matches_an_independent_implementation():
     assert got == pytest.approx(ref, abs=1e-9)
 
 
+def test_paper_attention_option_is_a_softmax_over_regions_and_reaches_the_loss():
+    "The paper's Eq. (softmax over the regions of q·v) as an option: maps, independence from the other words, config wiring."
+    from medssm.vlm.all import word_region_attention, PretrainConfig
+    rng = np.random.default_rng(1)
+    q, v = rng.normal(size=(4, 8)), rng.normal(size=(1, 8, 6))
+    s = q @ v[0]
+    want = np.exp(s - s.max(1, keepdims=True)); want /= want.sum(1, keepdims=True)
+    got = word_region_attention(torch.from_numpy(q), torch.from_numpy(v), 4., 'paper')[0][0].numpy()
+    assert np.allclose(got, want, atol=1e-12)
+    alone = word_region_attention(torch.from_numpy(q[:1]), torch.from_numpy(v), 4., 'paper')[0][0, 0].numpy()
+    assert np.allclose(alone, got[0], atol=1e-12)          # a word's map does not depend on the report's other words
+    gl = word_region_attention(torch.from_numpy(q[:1]), torch.from_numpy(v), 4., 'gloria')[0][0, 0].numpy()
+    assert np.allclose(gl, 1 / 6)                          # GLoRIA's code: a one-word report has a uniform map
+    cfg = PretrainConfig.cpu().replace({'model.local_attention': 'paper'})
+    assert cfg.loss_config().attention == 'paper' and PretrainConfig.cpu().loss_config().attention == 'gloria'
+
+
 def test_pert_accuracy_ignores_rows_without_negatives():
     from medssm.vlm.all import pert_accuracy, pert_counts, semantic_structure_eval
     inf = -np.inf

@@ -25,7 +25,7 @@ __all__ = ['MIL_FIT', 'MODEL_RECIPES', 'METRICS', 'FOREST_FILE', 'ABLATION', 'MI
            'mil_param_groups', 'ForestResult', 'train_mil', 'predict_mil', 'long_threshold', 'mil_metrics',
            'evaluate_mil', 'load_mil_model', 'run_predictions', 'train_run', 'same_metrics', 'WeightsSource', 'run_cv',
            'long_summary', 'cv_job', 'compare_models', 'run_ablation', 'patch_auroc', 'DigitProtocol', 'digit_protocol',
-           'run_digit_protocol']
+           'fewer_training_bags', 'run_digit_protocol']
 
 # %% ../../nbs/13_mil_train.ipynb
 MIL_FIT = dict(max_epochs=200, batch_size=1, lr=2e-4, optimizer='adam', weight_decay=1e-3, lookahead_k=6,
@@ -380,6 +380,14 @@ class DigitProtocol:
     long_models: list              # the order task's models
     workers: int = 1               # models trained in parallel processes
     sub_folds: int|None = None     # Tables 3 and 4: the first `sub_folds` of Table 1's folds (None: all of them)
+    long_epochs: int|None = None   # the order task's epoch budget (None: the detection task's)
+    few_train: int|None = None     # Tables 3 and 4: train on this many of each fold's training bags (None: all of them)
+
+    @property
+    def long_mil(self)->MILConfig:
+        "The order task's config: `mil` on the long bags' features, with its own epoch budget."
+        cfg = self.mil.replace(in_dim=self.long_bags.in_dim)
+        return cfg if self.long_epochs is None else cfg.replace(max_epochs=self.long_epochs)
 
 def digit_protocol(mode:str='standard',   # 'quick', 'standard' or 'full' (`medssm.core.run_mode()`)
                    seed:int=0)->DigitProtocol:
@@ -392,11 +400,12 @@ def digit_protocol(mode:str='standard',   # 'quick', 'standard' or 'full' (`meds
                                  lr=1e-3, max_epochs=5, early_stop_patience=0, seed=seed),
                              2, ['ssm', 'clam_sb', 'transmil', 'meanpool_rf'], ['ssm', 'clam_sb', 'meanpool_rf'], 1)
     if mode == 'standard':
-        return DigitProtocol(DigitBagsConfig(n_bags=100, min_len=16, max_len=48, in_dim=128, witness_rate=0.1, seed=seed),
+        return DigitProtocol(DigitBagsConfig(n_bags=200, min_len=16, max_len=48, in_dim=128, witness_rate=0.1, seed=seed),
                              DigitBagsConfig(n_bags=100, min_len=40, max_len=120, in_dim=128, witness_rate=0.05, long_range=True, seed=seed),
-                             MILConfig(in_dim=128, d_state=32, landmarks=16).replace(lr=1e-3, max_epochs=10, seed=seed),
+                             MILConfig(in_dim=128, d_state=32, landmarks=16).replace(lr=1e-3, max_epochs=5, seed=seed),
                              5, [m for m in all_models if m != 'lstm'],
-                             ['ssm', 'clam_sb', 'meanpool', 'maxpool', 'meanpool_rf', 'maxpool_rf'], 2, 3)
+                             ['ssm', 'clam_sb', 'meanpool', 'maxpool', 'meanpool_rf', 'maxpool_rf'], 2, 3, long_epochs=10,
+                             few_train=32)
     if mode == 'full':
         return DigitProtocol(DigitBagsConfig(n_bags=400, min_len=500, max_len=20000, in_dim=1024, witness_rate=0.01, seed=seed),
                              DigitBagsConfig(n_bags=400, min_len=2000, max_len=30000, in_dim=1024, witness_rate=0.002, long_range=True, seed=seed),
@@ -404,16 +413,29 @@ def digit_protocol(mode:str='standard',   # 'quick', 'standard' or 'full' (`meds
                              ['ssm', 'clam_sb', 'clam_mb', 'transmil', 'lstm', 'meanpool', 'maxpool', 'meanpool_rf', 'maxpool_rf'], 1)
     raise bad_value('mode', mode, "'quick', 'standard' or 'full'")
 
+def fewer_training_bags(folds:list[Fold], labels, n:int|None, seed:int=0)->list[Fold]:
+    "`folds` with each training part cut to `n` bags, stratified by label and seeded (validation and test unchanged)."
+    from sklearn.model_selection import train_test_split
+    labels = np.asarray(labels)
+    if n is None: return list(folds)
+    out = []
+    for i, f in enumerate(folds):
+        if not 2 <= n <= len(f.train): raise bad_value('few_train', n, f'2 to {len(f.train)} training bags (fold {i})')
+        keep = f.train if n == len(f.train) else train_test_split(f.train, train_size=n, stratify=labels[f.train],
+                                                                   random_state=derive_seed(seed, 'few-train', i))[0]
+        out.append(Fold(np.sort(keep), f.val, f.test))
+    return out
+
 def run_digit_protocol(p:DigitProtocol, out:str|Path, seed:int=0)->dict:
     "Both experiments of a protocol (detection, order): {task: (dataset, per-fold rows, summary)}."
     from medssm.mil.data import DigitBags, make_slide_folds
     res = {}
-    for task, bags, models in (('detection', p.bags, p.models), ('order', p.long_bags, p.long_models)):
+    for task, bags, models, cfg in (('detection', p.bags, p.models, p.mil), ('order', p.long_bags, p.long_models, p.long_mil)):
         ds = DigitBags(bags)
         folds = make_slide_folds(ds.labels, p.folds, seed)
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
-            per_fold, summary = compare_models(p.mil, {m: dict(model=m) for m in models}, ds, folds, Path(out)/task,
+            per_fold, summary = compare_models(cfg, {m: dict(model=m) for m in models}, ds, folds, Path(out)/task,
                                                workers=p.workers)
         res[task] = (ds, per_fold, summary)
     return res

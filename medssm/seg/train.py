@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ..core import Config, ConfigError, derive_seed, get_device, seed_everything
-from ..train import FitConfig, FitResult, count_params, fit, predict
+from ..train import Callback, FitConfig, FitResult, count_params, fit, predict, unwrap
 from ..metrics import summarize, write_csv, paired_test
 from ..runs import Run, register_run_kind
 from .models import MODELS, InputNorm, create_model, check_input_size
@@ -23,8 +23,9 @@ from .metrics import COMPONENTS, dice_batch, postprocess, score_case, summarize_
 
 # %% auto 0
 __all__ = ['LOSSES', 'WD_GRID', 'LADDER', 'dice_loss', 'bce_loss', 'get_loss', 'bn_frozen_if_single', 'seg_step', 'recipe_fit',
-           'SegConfig', 'quick_config', 'loop_config', 'train_seg', 'predict_probs', 'evaluate_seg', 'train_seg_run',
-           'Trained', 'train_job', 'train_configs', 'run_recipe', 'ladder_configs', 'run_ladder']
+           'SegConfig', 'quick_config', 'loop_config', 'recompute_bn_stats', 'PreciseBN', 'train_seg', 'predict_probs',
+           'evaluate_seg', 'train_seg_run', 'Trained', 'train_job', 'train_configs', 'run_recipe', 'ladder_configs',
+           'run_ladder']
 
 # %% ../../nbs/23_seg_train.ipynb
 def dice_loss(logits:torch.Tensor,  # (B, 1, H, W) raw scores
@@ -84,6 +85,7 @@ class SegConfig(Config):
     components: Literal['largest', 'all'] = 'largest'     # post-processing: keep the largest component (Sec. 3.1) or all
     fill_holes: bool = True             # post-processing: fill holes in the predicted mask (Sec. 3.1)
     surface_tolerance: float = 2.0      # surface Dice tolerance (mm when the spacing is known, else pixels)
+    precise_bn: int = 0                 # re-estimate BatchNorm statistics on this many un-augmented training images before each validation (0: off, the paper)
     fit: FitConfig = field(default_factory=recipe_fit)  # the training loop (Adam 1e-4, batch 8, plateau, early stop)
 
     def check(self):
@@ -91,6 +93,7 @@ class SegConfig(Config):
         super().check()
         if self.width < 1: raise ConfigError(f"--width {self.width}: expected ≥ 1 (64 in the paper)")
         if not self.surface_tolerance >= 0: raise ConfigError(f"--surface-tolerance {self.surface_tolerance}: expected ≥ 0")
+        if self.precise_bn < 0: raise ConfigError(f"--precise-bn {self.precise_bn}: expected ≥ 0 training images (0: off)")
         get_loss(self.loss)
         if not self.fit.restore_best:
             raise ConfigError("--no-restore-best: paper 2 scores the best epoch's weights; restore_best must stay on")
@@ -144,9 +147,42 @@ def loop_config(cfg:SegConfig)->FitConfig:
     if dev.type == 'cuda' and cfg.fit.num_workers == 0: return cfg.fit.replace(num_workers=min(4, os.cpu_count() or 1))
     return cfg.fit
 
+@torch.no_grad()
+def recompute_bn_stats(model:nn.Module, ds:SegDataset,
+                       n:int,               # images to use: the first n of `ds` (un-augmented)
+                       batch_size:int=8):
+    "Replace every BatchNorm's running mean/variance by their average over `n` images of `ds` under the current weights."
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns: return
+    momenta, was_training, dev = [m.momentum for m in bns], model.training, next(model.parameters()).device
+    for m in bns: m.reset_running_stats(); m.momentum = None              # None: cumulative average over the batches
+    model.train()                                                          # batch statistics, as in training
+    try:
+        idx = list(range(min(n, len(ds))))
+        for k in range(0, len(idx), batch_size):
+            chunk = idx[k:k + batch_size]
+            if len(chunk) < 2 and k: break                                 # a lone last image: batch statistics of one sample
+            model(torch.stack([ds[i]['image'] for i in chunk]).to(dev))   # (b, 3, S, S)
+    finally:
+        for m, mom in zip(bns, momenta): m.momentum = mom
+        model.train(was_training)
+
+class PreciseBN(Callback):
+    """Before each validation, BatchNorm statistics re-estimated on un-augmented training images under the current weights
+    (population statistics, as in Wu & Johnson 2021, "Rethinking batch in BatchNorm"). The running averages (momentum 0.1,
+    about the last 10 batches) lag the weights when a compressed schedule takes large steps: the eval-mode model then
+    swings from epoch to epoch and the best epoch is picked on stale statistics."""
+    def __init__(self, ds:SegDataset, n:int): self.ds, self.n = ds, n
+    def on_train_epoch_end(self, state): recompute_bn_stats(unwrap(state.model), self.ds, self.n)
+
 def _fit(cfg:SegConfig, ds:dict[str, SegDataset], run)->FitResult:
+    cbs = []
+    if cfg.precise_bn:
+        plain = SegDataset(ds['train'].cases, cfg.size, augment=None, resize=cfg.resize)
+        plain._cache = ds['train']._cache                                   # same decoded cases, no augmentation
+        cbs.append(PreciseBN(plain, cfg.precise_bn))
     return fit(cfg.build_model(), ds['train'], ds['val'], config=loop_config(cfg), step=seg_step(cfg.loss),
-               metrics={'dice': dice_batch}, run=run)
+               metrics={'dice': dice_batch}, run=run, callbacks=cbs)
 
 def train_seg(cfg:SegConfig,                # recipe
               train_cases:list, val_cases:list,

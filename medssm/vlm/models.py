@@ -18,11 +18,11 @@ from ..registry import Registry
 from ..weights import load_checkpoint, load_weights, state_dict_of
 
 # %% auto 0
-__all__ = ['PRETRAIN_METHODS', 'IMAGE_BACKBONES', 'KNOWN_IMAGE_PREFIXES', 'TEXT_ENCODERS', 'global_loss', 'word_region_attention',
-           'local_scores', 'local_loss', 'perturbation_loss', 'LossConfig', 'method_title', 'same_reports',
-           'total_loss', 'find_key_prefix', 'load_image_weights', 'BioViLProjector', 'load_projector_weights',
-           'ImageEncoder', 'default_text_model', 'load_hf', 'TextEncoder', 'bert_encoder', 'minilm_encoder',
-           'cxr_bert_encoder', 'small_bert_encoder', 'VLMConfig', 'VLM']
+__all__ = ['LOCAL_ATTENTIONS', 'PRETRAIN_METHODS', 'IMAGE_BACKBONES', 'KNOWN_IMAGE_PREFIXES', 'TEXT_ENCODERS', 'global_loss',
+           'word_region_attention', 'local_scores', 'local_loss', 'perturbation_loss', 'LossConfig', 'method_title',
+           'same_reports', 'total_loss', 'find_key_prefix', 'load_image_weights', 'BioViLProjector',
+           'load_projector_weights', 'ImageEncoder', 'default_text_model', 'load_hf', 'TextEncoder', 'bert_encoder',
+           'minilm_encoder', 'cxr_bert_encoder', 'small_bert_encoder', 'VLMConfig', 'VLM']
 
 # %% ../../nbs/42_vlm_models.ipynb
 def _scale(tau:float, scale)->torch.Tensor|float:
@@ -52,13 +52,18 @@ def global_loss(img:torch.Tensor,  # (B, D) global image embeddings
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 # %% ../../nbs/42_vlm_models.ipynb
+LOCAL_ATTENTIONS = ('gloria', 'paper')   # GLoRIA's code (softmax over words, ×γ1, over regions) | the paper's Eq. (over regions)
+
 def word_region_attention(words:torch.Tensor,   # (W, D) word features of one report (real words only)
                           regions:torch.Tensor, # (N, D, M) region features of N images
                           gamma1:float=4.,
+                          attention:str='gloria', # 'gloria': GLoRIA's code; 'paper': the paper's a_jk = softmax over regions of q·v
                          )->tuple[torch.Tensor, torch.Tensor]: # attention (N, W, M), context (N, W, D)
-    "GLoRIA attention of one report's words over every image's regions: softmax over words, ×γ1, softmax over regions."
+    "Attention of one report's words over every image's regions (GLoRIA's code or the paper's equation), and the context vectors."
     sim = torch.einsum('wd,ndm->nwm', words, regions)                                   # (N, W, M) raw q·v
-    attn = torch.softmax(gamma1 * torch.softmax(sim, dim=1), dim=-1)                  # words first, then regions
+    if attention == 'paper': attn = torch.softmax(sim, dim=-1)                        # regions only, no γ1
+    elif attention == 'gloria': attn = torch.softmax(gamma1 * torch.softmax(sim, dim=1), dim=-1)  # words first, then regions
+    else: raise ConfigError(f"local attention {attention!r}: expected one of {', '.join(LOCAL_ATTENTIONS)}")
     context = torch.einsum('nwm,ndm->nwd', attn, regions)                                # (N, W, D)
     return attn, context
 
@@ -66,13 +71,14 @@ def local_scores(regions:torch.Tensor,  # (B, D, M) region features (M = H·W)
                  words:torch.Tensor,    # (B, W, D) word features, padded
                  word_mask:torch.Tensor,# (B, W) bool, True for real words
                  gamma1:float=4., gamma2:float=5., gamma3:float=10.,
+                 attention:str='gloria', # see `word_region_attention`
                 )->torch.Tensor:        # (B, B): score of image i with report j
     "Image–report matching scores S of GLoRIA's local loss."
     regions, words = _f32(regions), _f32(words)
     cols = []
     for j in range(len(words)):
         q = words[j][word_mask[j]]                                       # (W_j, D)
-        _, ctx = word_region_attention(q, regions, gamma1)               # (B, W_j, D)
+        _, ctx = word_region_attention(q, regions, gamma1, attention)    # (B, W_j, D)
         r = F.cosine_similarity(ctx, q[None], dim=-1, eps=1e-8)          # (B, W_j) R_w
         cols.append(torch.logsumexp(gamma2 * r, dim=1))                  # (B,) log Σ_w exp(γ2 R)
     return gamma3 * torch.stack(cols, dim=1)                             # (B, B)
@@ -80,9 +86,10 @@ def local_scores(regions:torch.Tensor,  # (B, D, M) region features (M = H·W)
 def local_loss(regions:torch.Tensor, words:torch.Tensor, word_mask:torch.Tensor,
                gamma1:float=4., gamma2:float=5., gamma3:float=10.,
                same:torch.Tensor|None=None, # (B, B) bool: identical reports (not negatives)
+               attention:str='gloria', # see `word_region_attention`
               )->torch.Tensor:
     "GLoRIA's local attentive contrastive loss (the paper's L_local), both directions averaged."
-    s = _drop_same(local_scores(regions, words, word_mask, gamma1, gamma2, gamma3), same)
+    s = _drop_same(local_scores(regions, words, word_mask, gamma1, gamma2, gamma3, attention), same)
     target = torch.arange(len(s), device=s.device)
     return (F.cross_entropy(s, target) + F.cross_entropy(s.T, target)) / 2
 
@@ -113,10 +120,12 @@ class LossConfig(Config):
     gamma3: float = 10. # GLoRIA score scale
     learn_tau: bool = False     # learn the temperature (CLIP/open_clip: log(1/τ) is a parameter, 1/τ clamped at 100)
     mask_duplicates: bool = True # identical reports in a batch are not negatives of each other
+    attention: str = 'gloria'   # word→region attention of L_local: 'gloria' (GLoRIA's code) or 'paper' (the paper's Eq.)
 
     def check(self):
         for name in ('alpha', 'beta'):
             if getattr(self, name) < 0: raise ConfigError(f"{name}={getattr(self, name)}: expected ≥ 0 (0 switches the term off)")
+        if self.attention not in LOCAL_ATTENTIONS: raise ConfigError(f"attention={self.attention!r}: expected one of {', '.join(LOCAL_ATTENTIONS)}")
         for name in ('tau', 'gamma1', 'gamma2', 'gamma3'):
             if getattr(self, name) <= 0: raise ConfigError(f"{name}={getattr(self, name)}: expected > 0")
         return super().check()
@@ -161,7 +170,7 @@ def total_loss(cfg:LossConfig, img_g, txt_g, regions=None, words=None, word_mask
     out = {'global': global_loss(img_g, txt_g, cfg.tau, scale, same)}
     loss = out['global']
     if cfg.alpha:
-        out['local'] = local_loss(regions, words, word_mask, cfg.gamma1, cfg.gamma2, cfg.gamma3, same)
+        out['local'] = local_loss(regions, words, word_mask, cfg.gamma1, cfg.gamma2, cfg.gamma3, same, cfg.attention)
         loss = loss + cfg.alpha * out['local']
     if cfg.beta:
         out['pert'] = perturbation_loss(img_g, txt_g, pert_g, cfg.tau, pert_valid, scale)
@@ -419,6 +428,7 @@ class VLMConfig(Config):
     text_projection: Literal['auto', 'new'] = 'auto'   # auto: keep the text model's own projection head (CXR-BERT's, 128-d); new: a fresh one
     joint_dim: int = 512          # joint embedding size d_e (128 with BioViL/CXR-BERT heads)
     local_layer: Literal['layer2', 'layer3'] = 'layer3' # ResNet stage whose map gives the local regions (GLoRIA: layer3)
+    local_attention: Literal['gloria', 'paper'] = 'gloria' # word→region attention (loss and explorer): GLoRIA's code, or the paper's Eq. (softmax over regions of q·v)
     upsample_to: int = 299        # resize every crop to this side before the ResNet (GLoRIA: 299 → 19×19 regions); 0 = no resize
     max_length: int = 128         # text token limit
     pool: Literal['cls', 'mean'] = 'cls' # global text feature: the [CLS] state or the mean over tokens

@@ -20,7 +20,7 @@ from ..train import Callback, FitConfig, FitResult, dist_info, fit, predict
 from .perturb import PERTURBATION_NAMES
 from .data import CXRPairs, ImageTextDataset, collate_vlm, load_pairs, split_pairs, NLI_LABELS
 from .models import (VLM, VLMConfig, LossConfig, PRETRAIN_METHODS, method_title, same_reports, total_loss,
-                               word_region_attention)
+                               word_region_attention, LOCAL_ATTENTIONS)
 from .zeroshot import PROMPT_SETS, prompt_embeddings, zero_shot_probs, zero_shot_scores
 
 # %% auto 0
@@ -69,7 +69,8 @@ class PretrainConfig(Config):
 
     def loss_config(self)->LossConfig:
         "The method's loss weights with this experiment's temperature options."
-        return PRETRAIN_METHODS.create(self.method).replace(tau=self.tau, learn_tau=self.learn_tau, mask_duplicates=self.mask_duplicates)
+        return PRETRAIN_METHODS.create(self.method).replace(tau=self.tau, learn_tau=self.learn_tau, mask_duplicates=self.mask_duplicates,
+                                                            attention=self.model.local_attention)
 
     @classmethod
     def cpu(cls, **kw):
@@ -427,12 +428,14 @@ def finetune_nli(vlm:VLM, train_df:pd.DataFrame, test_df:pd.DataFrame, cfg:Finet
 # %% ../../nbs/43_vlm_train.ipynb
 @torch.no_grad()
 def word_attention(model:VLM, image:torch.Tensor, # (1|3, H, W) one transformed image
-                   report:str, gamma1:float=4.)->tuple[list[str], np.ndarray]:  # words, attention (W, h, w)
-    "GLoRIA attention of each word of `report` over the image's local regions."
+                   report:str, gamma1:float=4.,
+                   attention:str|None=None,   # 'gloria' | 'paper' (see `word_region_attention`); None: the model's own (`cfg.local_attention`)
+                  )->tuple[list[str], np.ndarray]:  # words, attention (W, h, w)
+    "Attention of each word of `report` over the image's local regions, computed as the model's local loss computes it (or as `attention`)."
     model.eval(); dev = next(model.parameters()).device
     _, regions = model.encode_images(image[None].to(dev))                      # (1, D, h, w)
     _, words, mask, toks = model.encode_texts([report])
-    attn, _ = word_region_attention(words[0][mask[0]].float(), regions.flatten(2).float(), gamma1)
+    attn, _ = word_region_attention(words[0][mask[0]].float(), regions.flatten(2).float(), gamma1, attention or model.cfg.local_attention)
     return toks[0], attn[0].view(-1, *regions.shape[2:]).cpu().numpy()
 
 def _grid_mask(mask:np.ndarray, shape:tuple)->np.ndarray:
@@ -444,12 +447,13 @@ def attention_grounding(model:VLM, ds:ImageTextDataset, # pairs in the masks' or
                         masks:np.ndarray,              # (N, H, W) bool: where the finding was drawn in each image
                         word:str,                      # the finding's word in the reports ('effusion')
                         per_image:bool=False,          # also return one row per scored image (for confidence intervals)
+                        attention:str|None=None,       # read the attention as 'gloria' or 'paper' (None: as the model was trained)
                        )->dict:                        # {'n', 'hit', 'mass', 'area'} (+ 'images': [{'index', 'hit', 'mass', 'area'}])
     "Pointing game and attention mass of `word` inside the finding's region, with the uniform-attention control."
     rows = []
     for i in range(len(ds)):
         if not masks[i].any() or word not in ds.reports[i].split(): continue
-        words, att = word_attention(model, ds[i]['image'], ds.reports[i])
+        words, att = word_attention(model, ds[i]['image'], ds.reports[i], attention=attention)
         a = att[words.index(word)]                                                 # (h, w), sums to 1
         g = _grid_mask(masks[i], a.shape) > 0.5                                    # regions mostly inside the finding
         if not g.any(): g = _grid_mask(masks[i], a.shape) > 0
@@ -488,10 +492,12 @@ def _compare_one(pairs:CXRPairs, cfg:PretrainConfig, method:str, seed:int, split
             'zero_shot': [{**key, **{k: v for k, v in ev.items() if k.startswith('zs_')}}] if any(k.startswith('zs_') for k in ev) else [],
             'correct': [{**key, 'id': i, 'correct': v} for i, v in zip(split['test'], pert_correct(sim))]}
     pos = pairs.positions(split['test'])
-    gr = {w: attention_grounding(r.model, ds['test'], mk[pos], w, per_image=True) for w, mk in (masks or {}).items()}
-    rows['grounding'] = [{**key, 'word': w, **{k: v for k, v in g.items() if k != 'images'}} for w, g in gr.items()]
-    rows['grounding_images'] = [{**key, 'word': w, 'id': split['test'][x['index']], **{k: x[k] for k in ('hit', 'mass', 'area')}}
-                                for w, g in gr.items() for x in g['images']]
+    # the attention as the model was trained (GLoRIA's code by default), and the same word·region products read with the other formula
+    gr = {(w, a): attention_grounding(r.model, ds['test'], mk[pos], w, per_image=True, attention=a)
+          for w, mk in (masks or {}).items() for a in (c.model.local_attention, *(x for x in LOCAL_ATTENTIONS if x != c.model.local_attention))}
+    rows['grounding'] = [{**key, 'word': w, 'readout': a, **{k: v for k, v in g.items() if k != 'images'}} for (w, a), g in gr.items()]
+    rows['grounding_images'] = [{**key, 'word': w, 'readout': a, 'id': split['test'][x['index']], **{k: x[k] for k in ('hit', 'mass', 'area')}}
+                                for (w, a), g in gr.items() for x in g['images']]
     rows['table2'] = [{**key, **finetune_on_pairs(r.model, pairs, split, findings, c.image_size, ft or FinetuneConfig())}] if findings else []
     rows['table3'] = [{**key, 'NLI accuracy': finetune_nli(r.model, nli[0], nli[1], nli[2])}] if nli else []
     _log.info('%s, seed %d: semantic structure %.3f (chance %.3f)', key['method'], seed, ev['accuracy'], ev['chance'] or float('nan'))

@@ -73,9 +73,10 @@ class AttentionExplorer(FigureWidget):
     def __init__(self, model:VLM, image:torch.Tensor, # (1, H, W) transformed image
                  report:str,
                  mask:np.ndarray|None=None,          # (H, W) bool: where the synthetic finding was drawn (outlined)
-                 word:str|None=None):                # the word shown first (default: the first)
+                 word:str|None=None,                 # the word shown first (default: the first)
+                 attention:str|None=None):           # 'gloria' | 'paper' readout (None: as the model's local loss computes it)
         self.image, self.mask = image[0].cpu().numpy(), mask
-        self.words, self.attn = word_attention(model, image, clean_report(report))   # (W,), (W, h, w)
+        self.words, self.attn = word_attention(model, image, clean_report(report), attention=attention)   # (W,), (W, h, w)
         first = self.words.index(word) if word in self.words else 0
         super().__init__(self._draw, {'word': W.ToggleButtons(options=[(w, i) for i, w in enumerate(self.words)], value=first,
                                                               description='word')})
