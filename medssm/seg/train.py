@@ -152,20 +152,11 @@ def recompute_bn_stats(model:nn.Module, ds:SegDataset,
                        n:int,               # images to use: the first n of `ds` (un-augmented)
                        batch_size:int=8):
     "Replace every BatchNorm's running mean/variance by their average over `n` images of `ds` under the current weights."
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns: return
-    momenta, was_training, dev = [m.momentum for m in bns], model.training, next(model.parameters()).device
-    for m in bns: m.reset_running_stats(); m.momentum = None              # None: cumulative average over the batches
-    model.train()                                                          # batch statistics, as in training
-    try:
-        idx = list(range(min(n, len(ds))))
-        for k in range(0, len(idx), batch_size):
-            chunk = idx[k:k + batch_size]
-            if len(chunk) < 2 and k: break                                 # a lone last image: batch statistics of one sample
-            model(torch.stack([ds[i]['image'] for i in chunk]).to(dev))   # (b, 3, S, S)
-    finally:
-        for m, mom in zip(bns, momenta): m.momentum = mom
-        model.train(was_training)
+    from torch.optim.swa_utils import update_bn       # resets the statistics, cumulative average, restores momentum and mode
+    idx = list(range(min(n, len(ds))))
+    batches = [idx[k:k + batch_size] for k in range(0, len(idx), batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < 2: batches.pop()           # a lone last image: batch statistics of one sample
+    update_bn((torch.stack([ds[i]['image'] for i in b]) for b in batches), model, device=next(model.parameters()).device)
 
 class PreciseBN(Callback):
     """Before each validation, BatchNorm statistics re-estimated on un-augmented training images under the current weights
